@@ -1,0 +1,3 @@
+from chatserver.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Authentication: Cognito token rules, the dev issuer, and the HTTP auth routes."""

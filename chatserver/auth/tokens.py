@@ -1,0 +1,216 @@
+"""TokenVerifier: Cognito JWT rules as AWS's aws-jwt-verify applies them, plus `exp` required.
+
+RS256 only, `kid` looked up in a cached JWKS (one shared refetch on an unknown kid, then
+a penalty box so forged kids cannot cause a fetch storm), exact issuer, `token_use`,
+audience or client id. The JWKS fetch is handed in, so this module does no I/O itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from jwt.algorithms import RSAAlgorithm
+
+JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class TokenError(Exception):
+    """The token is refused; `reason` is a short fixed word for logs and metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class KeysUnavailable(TokenError):
+    """The JWKS could not be fetched: the token may be fine, so this is retryable."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("jwks_unavailable", detail)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    sub: str
+    username: str
+    email: str | None = None
+    groups: tuple[str, ...] = ()
+    exp: float = 0.0
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """What other users and the browser may see of this user."""
+        out: dict[str, Any] = {"sub": self.sub, "username": self.username}
+        if self.email:
+            out["email"] = self.email
+        out["groups"] = list(self.groups)
+        return out
+
+
+def user_from_claims(claims: dict[str, Any]) -> User:
+    sub = str(claims["sub"])
+    username = str(claims.get("cognito:username") or claims.get("username") or sub)
+    groups = claims.get("cognito:groups") or []
+    email = claims.get("email")
+    return User(
+        sub=sub,
+        username=username,
+        email=str(email) if email else None,
+        groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
+        exp=float(claims["exp"]),
+        claims=claims,
+    )
+
+
+class TokenVerifier:
+    """Verifies RS256 JWTs against one issuer's JWKS; safe for concurrent use."""
+
+    def __init__(
+        self,
+        *,
+        issuers: Iterable[str],
+        client_id: str,
+        token_uses: Iterable[str],
+        fetch_jwks: JwksFetcher,
+        leeway: float = 5.0,
+        penalty_seconds: float = 10.0,
+        cache_size: int = 10000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._issuers = frozenset(issuers)
+        self._client_id = client_id
+        self._token_uses = frozenset(token_uses)
+        self._fetch_jwks = fetch_jwks
+        self._leeway = leeway
+        self._penalty_seconds = penalty_seconds
+        self._clock = clock
+        self._keys: dict[str, Any] = {}
+        self._fetching: asyncio.Future[None] | None = None
+        self._penalty_until = 0.0
+        self._fetched_once = False
+        # Verified tokens until their exp: a reconnect with the same cookie costs no RSA.
+        self._cache: OrderedDict[str, User] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def verify(self, token: str | None) -> User:
+        if not token:
+            raise TokenError("missing", "no authToken cookie")
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.exp + self._leeway > now:
+                return cached
+            del self._cache[token]
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise TokenError("malformed", "token is not a JWT") from None
+        if header.get("alg") != "RS256":
+            raise TokenError("bad_algorithm", "only RS256 is accepted")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenError("missing_kid", "token has no kid")
+        key = await self._key(kid)
+        user = user_from_claims(self._decode(token, key))
+        self._cache[token] = user
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return user
+
+    def _decode(self, token: str, key: Any) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=["RS256"],
+                leeway=self._leeway,
+                options={"require": ["exp", "iss", "sub"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("expired", "token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise TokenError("not_yet_valid", "token is not valid yet (nbf/iat)") from None
+        except jwt.InvalidSignatureError:
+            raise TokenError("bad_signature", "signature does not verify") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenError("missing_claim", f"token has no {exc.claim}") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError("invalid", f"token refused: {type(exc).__name__}") from None
+        if claims["iss"] not in self._issuers:
+            raise TokenError("bad_issuer", "issuer not accepted")
+        token_use = claims.get("token_use")
+        if token_use not in self._token_uses:
+            raise TokenError("bad_token_use", "token_use not accepted")
+        if token_use == "id" and claims.get("aud") != self._client_id:
+            raise TokenError("bad_audience", "aud is not this client")
+        if token_use == "access" and claims.get("client_id") != self._client_id:
+            raise TokenError("bad_audience", "client_id is not this client")
+        return claims
+
+    async def _key(self, kid: str) -> Any:
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        if self._clock() < self._penalty_until:
+            raise TokenError("unknown_kid", "kid not in the JWKS")
+        await self._refresh()
+        key = self._keys.get(kid)
+        if key is None:
+            self._penalty_until = self._clock() + self._penalty_seconds
+            raise TokenError("unknown_kid", "kid not in the JWKS")
+        return key
+
+    async def _refresh(self) -> None:
+        """One fetch at a time; concurrent callers share it. A failure keeps old keys."""
+        if self._fetching is None:
+            self._fetching = asyncio.ensure_future(self._fetch())
+            self._fetching.add_done_callback(self._fetch_done)
+        await asyncio.shield(self._fetching)
+
+    def _fetch_done(self, fut: asyncio.Future[None]) -> None:
+        self._fetching = None
+        if not fut.cancelled():
+            fut.exception()  # consumed here; awaiting callers see it too
+
+    async def _fetch(self) -> None:
+        try:
+            document = await self._fetch_jwks()
+            keys = parse_jwks(document)
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            if self._keys:
+                # Keep serving the keys we have; the kid stays unknown this round.
+                return
+            raise KeysUnavailable(f"JWKS fetch failed: {type(exc).__name__}") from None
+        self._keys = keys
+
+    async def prefetch(self) -> None:
+        """Warm the key cache at start-up; a failure here is retried on first use."""
+        try:
+            await self._refresh()
+        except KeysUnavailable:
+            pass
+
+
+def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:
+    """kid -> public key for the RSA signing keys of a JWKS document."""
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError("JWKS has no keys list")
+    out: dict[str, Any] = {}
+    for jwk in keys:
+        if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not jwk.get("kid"):
+            continue
+        if jwk.get("use", "sig") != "sig" or jwk.get("alg", "RS256") != "RS256":
+            continue
+        try:
+            out[str(jwk["kid"])] = RSAAlgorithm.from_jwk(json.dumps(jwk))
+        except (jwt.InvalidKeyError, ValueError, KeyError):
+            continue
+    return out

@@ -1,0 +1,1 @@
+"""Brokers: how messages reach every worker (in-process, or through Redis)."""

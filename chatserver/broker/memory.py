@@ -1,0 +1,125 @@
+"""In-process broker: one worker, no Redis. Same semantics as RedisBroker (ids, epochs,
+bounded history, presence), so the embedded default behaves like production.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict, deque
+
+from ..protocol import message_frame, parse_id
+from .base import Broker, Member, Replay
+
+
+class _Stream:
+    def __init__(self, maxlen: int) -> None:
+        self.entries: deque[tuple[tuple[int, int], bytes]] = deque()
+        self.maxlen = maxlen
+        self.last = (0, 0)
+        self.max_deleted = (0, 0)
+        self.epoch = uuid.uuid4().hex
+
+    def add(self, tail: bytes) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self.last
+        self.last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        message_id = f"{self.last[0]}-{self.last[1]}"
+        frame = message_frame(message_id, tail)
+        self.entries.append((self.last, frame))
+        while len(self.entries) > self.maxlen:
+            self.max_deleted = self.entries.popleft()[0]
+        return message_id
+
+
+class MemoryBroker(Broker):
+    def __init__(self, *, history_maxlen: int = 1000) -> None:
+        super().__init__()
+        self._maxlen = history_maxlen
+        self._streams: dict[str, _Stream] = {}
+        self._rooms: set[str] = set()
+        self._users: set[str] = set()
+        self._presence: dict[str, dict[Member, int]] = defaultdict(dict)
+        self._hits: dict[str, tuple[int, int]] = {}
+
+    async def start(self) -> None:
+        self.on_state(True)
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def _stream(self, room: str) -> _Stream:
+        stream = self._streams.get(room)
+        if stream is None:
+            stream = self._streams[room] = _Stream(self._maxlen)
+        return stream
+
+    async def publish(self, room: str, tail: bytes) -> str:
+        stream = self._stream(room)
+        message_id = stream.add(tail)
+        if room in self._rooms:
+            self.on_room(room, stream.entries[-1][1])
+        return message_id
+
+    async def publish_event(self, room: str, payload: bytes) -> None:
+        if room in self._rooms:
+            self.on_room(room, payload)
+
+    async def send_user(self, sub: str, payload: bytes) -> None:
+        if sub in self._users:
+            self.on_user(sub, payload)
+
+    async def subscribe_room(self, room: str) -> None:
+        self._rooms.add(room)
+
+    async def unsubscribe_room(self, room: str) -> None:
+        self._rooms.discard(room)
+
+    async def subscribe_user(self, sub: str) -> None:
+        self._users.add(sub)
+
+    async def unsubscribe_user(self, sub: str) -> None:
+        self._users.discard(sub)
+
+    async def epoch(self, room: str) -> str:
+        return self._stream(room).epoch
+
+    async def history(self, room: str, since: str, epoch: str | None) -> Replay:
+        stream = self._stream(room)
+        if epoch != stream.epoch:
+            return Replay([], False, stream.epoch)
+        after = parse_id(since)
+        frames = [frame for key, frame in stream.entries if key > after]
+        return Replay(frames, after >= stream.max_deleted, stream.epoch)
+
+    async def presence_join(self, room: str, member: Member) -> bool:
+        here = self._presence[room]
+        here[member] = here.get(member, 0) + 1
+        return here[member] == 1
+
+    async def presence_leave(self, room: str, member: Member) -> bool:
+        here = self._presence[room]
+        left = here.get(member, 0) - 1
+        if left > 0:
+            here[member] = left
+            return False
+        here.pop(member, None)
+        if not here:
+            del self._presence[room]
+        return True
+
+    async def members(self, room: str) -> list[Member]:
+        return sorted(self._presence.get(room, {}), key=lambda m: m.username)
+
+    async def hit(self, key: str, window: int) -> int:
+        slot = int(time.time()) // window
+        if len(self._hits) > 100_000:
+            self._hits = {k: v for k, v in self._hits.items() if v[0] == slot}
+        start, count = self._hits.get(key, (slot, 0))
+        count = count + 1 if start == slot else 1
+        self._hits[key] = (slot, count)
+        return count

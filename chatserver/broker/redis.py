@@ -1,0 +1,465 @@
+"""Redis broker: history streams, pub/sub fan-out, presence sorted sets.
+
+A publish is one Lua call (XADD, then PUBLISH of the payload that already carries the
+stream id). The listener owns one pub/sub connection; when it drops, the listener
+reconnects with capped backoff, resubscribes, and on each subscribe confirmation replays
+the room's stream after the last id it delivered, so a Redis blip loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ..protocol import encode, message_frame, message_id_of, parse_id
+from .base import Broker, BrokerUnavailable, Member, Replay
+
+log = logging.getLogger(__name__)
+
+PUBLISH_LUA = """
+redis.call('SET', KEYS[3], ARGV[3], 'NX')
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[2])
+redis.call('PUBLISH', KEYS[2], '{"type":"message","id":"' .. id .. ARGV[2])
+return id
+"""
+
+# Epoch, entries after `since`, and the highest id ever trimmed (Redis >= 7.0), so that
+# "history no longer reaches since" is exact, not guessed from the first entry.
+HISTORY_LUA = """
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+local epoch = redis.call('GET', KEYS[2])
+local maxdel = '0-0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+return {epoch, maxdel, entries}
+"""
+
+PRESENCE_JOIN_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+for _, m in ipairs(live) do
+  if m ~= ARGV[1] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then return 0 end
+end
+return 1
+"""
+
+PRESENCE_LEAVE_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+for _, m in ipairs(live) do
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
+end
+return 1
+"""
+
+# Removes expired entries (a dead instance's members) and returns those whose user is
+# present nowhere else; only one sweeper gets each, so one leave event goes out.
+PRESENCE_SWEEP_LUA = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if #gone == 0 then return {} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+local out = {}
+for _, g in ipairs(gone) do
+  local p = string.match(g, '^[^\\t]*\\t')
+  local still = false
+  for _, m in ipairs(live) do
+    if p and string.sub(m, 1, #p) == p then still = true break end
+  end
+  if not still then table.insert(out, g) end
+end
+return out
+"""
+
+REPLAY_BATCH = 500
+MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # seconds between pub/sub reconnect attempts
+SILENCE_LIMIT = 15.0  # seconds without any pub/sub traffic (pongs included) = dead link
+
+
+class RedisBroker(Broker):
+    def __init__(
+        self,
+        url: str,
+        *,
+        instance: str,
+        prefix: str = "chat:",
+        history_maxlen: int = 1000,
+        presence_ttl: float = 30.0,
+        on_reconnect: Callable[[], None] | None = None,
+        on_listener_restart: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._url = url
+        self._instance = instance
+        self._prefix = prefix
+        self._maxlen = history_maxlen
+        self._presence_ttl = presence_ttl
+        self._on_reconnect = on_reconnect or _nothing
+        self._on_listener_restart = on_listener_restart or _nothing
+        # Commands: a short retry, then the caller hears `unavailable`.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            health_check_interval=15,
+        )
+        # Pub/sub: no hidden retry; the listener owns reconnecting so it can replay gaps.
+        self._sub_redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        self._publish = self._redis.register_script(PUBLISH_LUA)
+        self._history = self._redis.register_script(HISTORY_LUA)
+        self._presence_join = self._redis.register_script(PRESENCE_JOIN_LUA)
+        self._presence_leave = self._redis.register_script(PRESENCE_LEAVE_LUA)
+        self._presence_sweep = self._redis.register_script(PRESENCE_SWEEP_LUA)
+        self._room_channel_prefix = f"{prefix}room:".encode()
+        self._user_channel_prefix = f"{prefix}user:".encode()
+        self._instance_channel = f"{prefix}instance:{instance}"
+        self._rooms: dict[str, tuple[int, int]] = {}  # subscribed room -> last id delivered
+        self._users: set[str] = set()
+        self._present: dict[str, dict[Member, int]] = {}  # room -> members here
+        self._pubsub: PubSub | None = None
+        self._connected = False
+        self._backoff = MIN_BACKOFF
+        self._closing = False
+        self._listener: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ keys
+
+    def _room_channel(self, room: str) -> str:
+        return f"{self._prefix}room:{room}"
+
+    def _user_channel(self, sub: str) -> str:
+        return f"{self._prefix}user:{sub}"
+
+    def _stream_key(self, room: str) -> str:
+        return f"{self._prefix}history:{room}"
+
+    def _epoch_key(self, room: str) -> str:
+        return f"{self._prefix}epoch:{room}"
+
+    def _presence_key(self, room: str) -> str:
+        return f"{self._prefix}presence:{room}"
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen_forever(), name="redis-listener")
+        self._listener.add_done_callback(self._listener_done)
+        self._presence_task = asyncio.create_task(self._refresh_presence(), name="presence")
+
+    def _listener_done(self, task: asyncio.Task[None]) -> None:
+        if self._closing or task.cancelled():
+            return
+        # _listen_forever only returns by bug; never let that be silent.
+        log.error("redis listener exited unexpectedly (%r); restarting", task.exception())
+        self._on_listener_restart()
+        self._listener = asyncio.create_task(self._listen_forever(), name="redis-listener")
+        self._listener.add_done_callback(self._listener_done)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._listener, self._presence_task):
+            if task is not None:
+                task.cancel()
+        for task in (self._listener, self._presence_task):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, RedisError, OSError):
+                    pass
+        await self._drop_local_presence()
+        await self._redis.aclose()
+        await self._sub_redis.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self._connected:
+            self._connected = value
+            self.on_state(value)
+
+    # --------------------------------------------------------------- listener
+
+    async def _listen_forever(self) -> None:
+        while not self._closing:
+            try:
+                await self._listen_once()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                if self._connected:
+                    log.warning("redis pub/sub connection lost: %s", type(exc).__name__)
+                self._on_reconnect()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("redis listener failed; restarting it")
+                self._on_listener_restart()
+            self._set_connected(False)
+            await self._drop_pubsub()
+            await asyncio.sleep(random.uniform(self._backoff / 2, self._backoff))
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    async def _listen_once(self) -> None:
+        pubsub = self._sub_redis.pubsub()
+        self._pubsub = pubsub
+        wanted = [self._instance_channel]
+        wanted += [self._room_channel(room) for room in self._rooms]
+        wanted += [self._user_channel(sub) for sub in self._users]
+        await pubsub.subscribe(*wanted)
+        await self._redis.ping()
+        self._set_connected(True)
+        self._backoff = MIN_BACKOFF
+        log.info("redis pub/sub connected; %d channels", len(wanted))
+        last_seen = time.monotonic()
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=5.0)
+            now = time.monotonic()
+            if msg is None:
+                if now - last_seen > SILENCE_LIMIT:
+                    raise TimeoutError("pub/sub connection silent")
+                await pubsub.ping()
+                continue
+            last_seen = now
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        channel: bytes = msg["channel"] if msg.get("channel") is not None else b""
+        if kind == "message":
+            if channel.startswith(self._room_channel_prefix):
+                self._deliver_room(channel[len(self._room_channel_prefix) :].decode(), msg["data"])
+            elif channel.startswith(self._user_channel_prefix):
+                self.on_user(channel[len(self._user_channel_prefix) :].decode(), msg["data"])
+        elif kind == "subscribe" and channel.startswith(self._room_channel_prefix):
+            await self._catch_up(channel[len(self._room_channel_prefix) :].decode())
+
+    def _deliver_room(self, room: str, payload: bytes) -> None:
+        last = self._rooms.get(room)
+        if last is None:
+            return  # unsubscribed meanwhile
+        message_id = message_id_of(payload)
+        if message_id is not None:
+            key = parse_id(message_id)
+            if key <= last:
+                return  # already delivered by a catch-up replay
+            self._rooms[room] = key
+        self.on_room(room, payload)
+
+    async def _catch_up(self, room: str) -> None:
+        """Deliver what the stream holds after the last id this worker delivered."""
+        while (last := self._rooms.get(room)) is not None:
+            entries = await self._redis.xrange(
+                self._stream_key(room), min=f"({last[0]}-{last[1]}", max="+", count=REPLAY_BATCH
+            )
+            for entry_id, fields in entries:
+                self._deliver_room(room, message_frame(entry_id.decode(), fields[b"t"]))
+            if len(entries) < REPLAY_BATCH:
+                return
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
+    async def _send_subscription(self, subscribe: bool, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None or not self._connected:
+            return  # the listener subscribes everything wanted when it reconnects
+        try:
+            if subscribe:
+                await pubsub.subscribe(channel)
+            else:
+                await pubsub.unsubscribe(channel)
+        except (RedisError, OSError):
+            pass  # the listener sees the same failure and resubscribes
+
+    # ------------------------------------------------------------ operations
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"redis {what} failed: {type(exc).__name__}") from None
+
+    async def publish(self, room: str, tail: bytes) -> str:
+        keys = [self._stream_key(room), self._room_channel(room), self._epoch_key(room)]
+        args = [self._maxlen, tail, uuid.uuid4().hex]
+        message_id: bytes = await self._call("publish", self._publish(keys=keys, args=args))
+        return message_id.decode()
+
+    async def publish_event(self, room: str, payload: bytes) -> None:
+        await self._call("publish", self._redis.publish(self._room_channel(room), payload))
+
+    async def send_user(self, sub: str, payload: bytes) -> None:
+        await self._call("publish", self._redis.publish(self._user_channel(sub), payload))
+
+    async def subscribe_room(self, room: str) -> None:
+        if room in self._rooms:
+            return
+        newest = await self._call(
+            "xrevrange", self._redis.xrevrange(self._stream_key(room), count=1)
+        )
+        if room in self._rooms:
+            return
+        self._rooms[room] = parse_id(newest[0][0].decode()) if newest else (0, 0)
+        await self._send_subscription(True, self._room_channel(room))
+
+    async def unsubscribe_room(self, room: str) -> None:
+        if self._rooms.pop(room, None) is not None:
+            await self._send_subscription(False, self._room_channel(room))
+
+    async def subscribe_user(self, sub: str) -> None:
+        if sub not in self._users:
+            self._users.add(sub)
+            await self._send_subscription(True, self._user_channel(sub))
+
+    async def unsubscribe_user(self, sub: str) -> None:
+        if sub in self._users:
+            self._users.discard(sub)
+            await self._send_subscription(False, self._user_channel(sub))
+
+    async def epoch(self, room: str) -> str:
+        key = self._epoch_key(room)
+        await self._call("epoch", self._redis.set(key, uuid.uuid4().hex, nx=True))
+        value = await self._call("epoch", self._redis.get(key))
+        return value.decode() if value else ""
+
+    async def history(self, room: str, since: str, epoch: str | None) -> Replay:
+        keys = [self._stream_key(room), self._epoch_key(room)]
+        args = [since, self._maxlen, uuid.uuid4().hex]
+        current, max_deleted, entries = await self._call(
+            "history", self._history(keys=keys, args=args)
+        )
+        current = current.decode()
+        if epoch != current:
+            return Replay([], False, current)
+        frames = [message_frame(eid.decode(), dict(_pairs(fields))[b"t"]) for eid, fields in entries]
+        complete = parse_id(since) >= parse_id(max_deleted.decode())
+        return Replay(frames, complete, current)
+
+    async def hit(self, key: str, window: int) -> int:
+        slot = int(time.time()) // window
+        name = f"{self._prefix}hits:{key}:{slot}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(name)
+            pipe.expire(name, window * 2)
+            count, _ = await self._call("hit", pipe.execute())
+        return int(count)
+
+    # --------------------------------------------------------------- presence
+
+    def _member_key(self, member: Member) -> str:
+        username = member.username.replace("\t", " ")
+        return f"{member.sub}\t{self._instance}\t{username}"
+
+    async def presence_join(self, room: str, member: Member) -> bool:
+        here = self._present.setdefault(room, {})
+        here[member] = here.get(member, 0) + 1
+        now = time.time()
+        args = [
+            self._member_key(member),
+            now + self._presence_ttl,
+            now,
+            f"{member.sub}\t",
+            int(self._presence_ttl * 4),
+        ]
+        first = await self._call(
+            "presence", self._presence_join(keys=[self._presence_key(room)], args=args)
+        )
+        return bool(first)
+
+    async def presence_leave(self, room: str, member: Member) -> bool:
+        here = self._present.get(room, {})
+        count = here.get(member, 0) - 1
+        if count > 0:
+            here[member] = count
+            return False
+        here.pop(member, None)
+        if not here:
+            self._present.pop(room, None)
+        args = [self._member_key(member), time.time(), f"{member.sub}\t"]
+        gone = await self._call(
+            "presence", self._presence_leave(keys=[self._presence_key(room)], args=args)
+        )
+        return bool(gone)
+
+    async def members(self, room: str) -> list[Member]:
+        raw = await self._call(
+            "presence", self._redis.zrangebyscore(self._presence_key(room), time.time(), "+inf")
+        )
+        seen: dict[str, Member] = {}
+        for item in raw:
+            sub, _, rest = item.decode().partition("\t")
+            seen.setdefault(sub, Member(sub, rest.partition("\t")[2]))
+        return sorted(seen.values(), key=lambda m: m.username)
+
+    async def _refresh_presence(self) -> None:
+        """Keep this worker's members alive and sweep those of dead instances."""
+        while True:
+            await asyncio.sleep(self._presence_ttl / 3)
+            try:
+                await self._refresh_once()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.debug("presence refresh failed: %s", type(exc).__name__)
+
+    async def _refresh_once(self) -> None:
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room, here in self._present.items():
+                key = self._presence_key(room)
+                pipe.zadd(key, {self._member_key(m): now + self._presence_ttl for m in here})
+                pipe.expire(key, int(self._presence_ttl * 4))
+            await pipe.execute()
+        for room in list(self._rooms):
+            gone = await self._presence_sweep(keys=[self._presence_key(room)], args=[now])
+            for item in gone:
+                sub, _, rest = item.decode().partition("\t")
+                member = Member(sub, rest.partition("\t")[2])
+                event = {"type": "presence", "room": room, "event": "leave", "user": member.public()}
+                await self.publish_event(room, encode(event))
+
+    async def _drop_local_presence(self) -> None:
+        """On a clean shutdown, remove this worker's members at once."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for room, here in self._present.items():
+                    pipe.zrem(self._presence_key(room), *(self._member_key(m) for m in here))
+                await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
+        self._present.clear()
+
+
+def _pairs(fields: Any) -> list[tuple[bytes, bytes]]:
+    """Lua returns stream fields as a flat list; redis-py's xrange returns a dict."""
+    if isinstance(fields, dict):
+        return list(fields.items())
+    return list(zip(fields[::2], fields[1::2], strict=True))
+
+
+def _nothing() -> None:
+    return None

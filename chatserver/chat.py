@@ -1,0 +1,244 @@
+"""ChatService: what a connection can do (join, leave, publish, direct, members), tying
+the local Hub to the Broker. Knows nothing of HTTP; the /ws handler feeds it commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .broker.base import Broker, BrokerUnavailable, Member
+from .connection import Connection
+from .hub import SIGNOUT, Hub
+from .protocol import (
+    BAD_REQUEST,
+    CLOSE_POLICY,
+    FORBIDDEN,
+    LOBBY,
+    RATE_LIMITED,
+    UNAVAILABLE,
+    Direct,
+    Join,
+    Leave,
+    Members,
+    ProtocolError,
+    Publish,
+    encode,
+    error_event,
+    message_id_of,
+    message_tail,
+    parse_client_frame,
+    text_frame,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rooms: int = 50
+    max_text_chars: int = 4000
+    flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
+
+
+class ChatService:
+    def __init__(self, hub: Hub, broker: Broker, limits: Limits) -> None:
+        self.hub = hub
+        self.broker = broker
+        self.limits = limits
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def connect(
+        self, conn: Connection, greeting: dict[str, Any], since: str | None, epoch: str | None
+    ) -> None:
+        """Register conn, join the lobby, greet. Raises BrokerUnavailable (conn unregistered)."""
+        if self.hub.register(conn):
+            try:
+                await self.broker.subscribe_user(conn.user.sub)
+            except BrokerUnavailable:
+                self.hub.unregister(conn)
+                raise
+        try:
+            await self._join(conn, LOBBY, since, epoch, greeting=greeting)
+        except BrokerUnavailable:
+            await self.disconnect(conn)
+            raise
+
+    async def disconnect(self, conn: Connection) -> None:
+        for room in list(conn.rooms):
+            await self._leave(conn, room)
+        if self.hub.unregister(conn):
+            await self._quietly(self.broker.unsubscribe_user(conn.user.sub))
+
+    # -------------------------------------------------------------- commands
+
+    async def handle_text(self, conn: Connection, data: str) -> None:
+        """One client frame: rate limit, parse, act; errors become error frames."""
+        if not conn.bucket.take():
+            conn.strikes += 1
+            if conn.strikes > self.limits.flood_strikes:
+                conn.kick(CLOSE_POLICY, "rate limit exceeded")
+            else:
+                conn.send(error_event(RATE_LIMITED, "slow down"))
+            return
+        conn.strikes = 0
+        try:
+            command = parse_client_frame(data, max_text_chars=self.limits.max_text_chars)
+            if isinstance(command, Publish):
+                await self.publish(conn, command)
+            elif isinstance(command, Join):
+                await self._join(conn, command.room, command.since, command.epoch)
+            elif isinstance(command, Leave):
+                await self.leave(conn, command.room)
+            elif isinstance(command, Members):
+                await self.members(conn, command.room)
+            else:
+                await self.direct(conn, command)
+        except ProtocolError as exc:
+            conn.send(error_event(exc.code, exc.detail, exc.ref))
+        except BrokerUnavailable:
+            ref = getattr(command, "ref", None)
+            conn.send(error_event(UNAVAILABLE, "not done: the message broker is unavailable", ref))
+
+    async def publish(self, conn: Connection, command: Publish) -> None:
+        if command.room not in conn.rooms:
+            raise ProtocolError(FORBIDDEN, f"join {command.room!r} first", command.ref)
+        user = conn.user
+        tail = message_tail(command.room, user.sub, user.username, command.text, _now_ms())
+        message_id = await self.broker.publish(command.room, tail)
+        if command.ref is not None:
+            conn.send({"type": "ack", "ref": command.ref, "id": message_id})
+
+    async def publish_as_service(self, service: str, room: str, text: str) -> str:
+        """The HTTP publish API: a backend service speaks in a room under its own name."""
+        return await self.broker.publish(room, message_tail(room, service, service, text, _now_ms()))
+
+    async def direct(self, conn: Connection, command: Direct) -> None:
+        user = conn.user
+        payload = encode(
+            {
+                "type": "direct",
+                "id": uuid.uuid4().hex,
+                "from": user.sub,
+                "user": user.sub,
+                "username": user.username,
+                "to": command.to,
+                "message": command.text,
+                "ts": _now_ms(),
+            }
+        )
+        await self.broker.send_user(command.to, payload)
+        if command.to != user.sub:
+            await self.broker.send_user(user.sub, payload)  # the sender's other tabs
+        if command.ref is not None:
+            conn.send({"type": "ack", "ref": command.ref, "id": None})
+
+    async def members(self, conn: Connection, room: str) -> None:
+        if room not in conn.rooms:
+            raise ProtocolError(FORBIDDEN, f"join {room!r} first")
+        found = await self.broker.members(room)
+        conn.send({"type": "members", "room": room, "members": [m.public() for m in found]})
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        if room not in conn.rooms:
+            raise ProtocolError(BAD_REQUEST, f"not in {room!r}")
+        await self._leave(conn, room)
+        conn.send({"type": "left", "room": room})
+
+    async def sign_out(self, sub: str) -> None:
+        """Close every socket of this user on every worker and replica."""
+        await self.broker.send_user(sub, SIGNOUT)
+
+    # --------------------------------------------------------------- joining
+
+    async def _join(
+        self,
+        conn: Connection,
+        room: str,
+        since: str | None,
+        epoch: str | None,
+        *,
+        greeting: dict[str, Any] | None = None,
+    ) -> None:
+        if room in conn.rooms:
+            raise ProtocolError(BAD_REQUEST, f"already in {room!r}")
+        if len(conn.rooms) >= self.limits.max_rooms:
+            raise ProtocolError(FORBIDDEN, f"at most {self.limits.max_rooms} rooms")
+        if self.hub.open_room(room):
+            try:
+                await self.broker.subscribe_room(room)
+            except BrokerUnavailable:
+                self.hub.close_room_if_empty(room)
+                raise
+        try:
+            current = await self.broker.epoch(room) if since is None else ""
+        except BrokerUnavailable:
+            await self._drop_room_if_empty(room)
+            raise
+        if since is None:
+            first = self.hub.add(conn, room)
+            if greeting is not None:
+                conn.send(greeting)
+            conn.send({"type": "joined", "room": room, "epoch": current})
+        else:
+            first = self.hub.add_replaying(conn, room)
+            if greeting is not None:
+                conn.send(greeting)
+            await self._replay(conn, room, since, epoch)
+        if first:
+            await self._presence(room, conn.member, "join")
+
+    async def _replay(self, conn: Connection, room: str, since: str, epoch: str | None) -> None:
+        try:
+            replay = await self.broker.history(room, since, epoch)
+        except BrokerUnavailable:
+            await self._leave(conn, room)
+            raise
+        for frame in replay.frames:
+            conn.write(text_frame(frame))
+        if replay.frames:
+            last: str | None = message_id_of(replay.frames[-1])
+        else:
+            last = since if replay.epoch == epoch else None
+        if room in conn.rooms:
+            self.hub.finish_replay(conn, room, last)
+        conn.send(
+            {"type": "recovered", "room": room, "complete": replay.complete, "epoch": replay.epoch}
+        )
+
+    async def _leave(self, conn: Connection, room: str) -> None:
+        last_of_user = self.hub.remove(conn, room)
+        await self._drop_room_if_empty(room)
+        if last_of_user:
+            await self._presence(room, conn.member, "leave")
+
+    async def _drop_room_if_empty(self, room: str) -> None:
+        if self.hub.close_room_if_empty(room):
+            await self._quietly(self.broker.unsubscribe_room(room))
+
+    async def _presence(self, room: str, member: Member, event: str) -> None:
+        """Presence is best effort: a broker outage must not fail a join or a leave."""
+        try:
+            if event == "join":
+                changed = await self.broker.presence_join(room, member)
+            else:
+                changed = await self.broker.presence_leave(room, member)
+            if changed:
+                payload = {"type": "presence", "room": room, "event": event, "user": member.public()}
+                await self.broker.publish_event(room, encode(payload))
+        except BrokerUnavailable:
+            log.debug("presence %s in %s not recorded: broker unavailable", event, room)
+
+    async def _quietly(self, coro: Any) -> None:
+        try:
+            await coro
+        except BrokerUnavailable:
+            pass
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,117 @@
+"""One client connection: its identity, rooms, rate limit and bounded send backlog.
+
+Writes go straight to the transport as pre-encoded frames and never wait: a client whose
+unsent backlog passes its bound is closed with 1013 instead of slowing anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .auth.tokens import User
+from .broker.base import Member
+from .protocol import CLOSE_TRY_LATER, encode, text_frame
+
+_ids = itertools.count(1)
+
+
+class TokenBucket:
+    """`rate` tokens a second, up to `burst`; rate 0 disables the limit."""
+
+    __slots__ = ("_burst", "_clock", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._stamp = clock()
+
+    def take(self) -> bool:
+        if self._rate <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class Connection:
+    """State of one WebSocket; only its handler task reads from it, anyone may write."""
+
+    __slots__ = (
+        "bucket",
+        "close_code",
+        "close_reason",
+        "closed",
+        "id",
+        "member",
+        "on_kick",
+        "rooms",
+        "strikes",
+        "transport",
+        "user",
+        "ws",
+        "_backlog_limit",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        user: User,
+        *,
+        backlog_limit: int,
+        rate: float,
+        burst: int,
+        on_kick: Callable[[Connection], None],
+    ) -> None:
+        self.id = f"c{next(_ids)}"
+        self.ws = ws
+        self.transport = transport
+        self.user = user
+        self.member = Member(user.sub, user.username)
+        self.rooms: set[str] = set()
+        self.bucket = TokenBucket(rate, burst)
+        self.strikes = 0
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.on_kick = on_kick
+        self._backlog_limit = backlog_limit
+
+    def write(self, frame: bytes) -> None:
+        """Queue pre-encoded frame bytes; never blocks, never raises."""
+        transport = self.transport
+        if self.closed or transport.is_closing():
+            return
+        transport.write(frame)
+        if transport.get_write_buffer_size() > self._backlog_limit:
+            self.kick(CLOSE_TRY_LATER, "slow consumer")
+
+    def send(self, event: dict[str, Any]) -> None:
+        self.write(text_frame(encode(event)))
+
+    def backlog(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def kick(self, code: int, reason: str) -> None:
+        """Stop writing to this client and have its socket closed with `code`."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        self.on_kick(self)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} user={self.user.sub}>"

@@ -1,0 +1,176 @@
+"""The local registry (room -> connections, user -> connections) and fan-out.
+
+A broadcast is framed once per worker; the frames of one event-loop pass are joined and
+written to each member once (one write per client per pass, however many messages).
+Connections that are resuming a room get live payloads buffered until their replay is
+done, then deduplicated by id, so a resume has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from .connection import Connection
+from .protocol import CLOSE_NORMAL, CLOSE_TRY_LATER, message_id_of, parse_id, text_frame
+
+SIGNOUT = b"!signout"  # control payload on a user channel: close that user's sockets
+MAX_REPLAY_BUFFER = 10000  # live payloads held for one resuming connection
+
+
+class Room:
+    __slots__ = ("members", "name", "queue", "replaying", "users")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: set[Connection] = set()
+        self.replaying: dict[Connection, list[bytes]] = {}
+        self.queue: list[bytes] = []
+        self.users: dict[str, int] = {}  # sub -> local connections in this room
+
+
+class Hub:
+    def __init__(self, *, on_delivered: Callable[[int], None] | None = None) -> None:
+        self.rooms: dict[str, Room] = {}
+        self.users: dict[str, set[Connection]] = {}
+        self.connections: set[Connection] = set()
+        self._on_delivered = on_delivered or (lambda n: None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ broker side
+
+    def deliver_room(self, room_name: str, payload: bytes) -> None:
+        """Queue a payload for every member of a room; written at the end of this pass."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        if not room.queue:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush, room)
+        room.queue.append(text_frame(payload))
+        for conn, buffered in room.replaying.items():
+            buffered.append(payload)
+            if len(buffered) > MAX_REPLAY_BUFFER:
+                conn.kick(CLOSE_TRY_LATER, "resume backlog")
+
+    def _flush(self, room: Room) -> None:
+        frames = room.queue
+        if not frames:
+            return
+        room.queue = []
+        blob = frames[0] if len(frames) == 1 else b"".join(frames)
+        for conn in room.members:
+            conn.write(blob)
+        self._on_delivered(len(frames) * len(room.members))
+
+    def flush(self, room_name: str) -> None:
+        """Write what is queued before membership changes, so it goes to whom it was for."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            self._flush(room)
+
+    def deliver_user(self, sub: str, payload: bytes) -> None:
+        conns = self.users.get(sub)
+        if not conns:
+            return
+        if payload == SIGNOUT:
+            for conn in conns:
+                conn.kick(CLOSE_NORMAL, "signed out")
+            return
+        frame = text_frame(payload)
+        for conn in conns:
+            conn.write(frame)
+        self._on_delivered(len(conns))
+
+    # ------------------------------------------------------------ connections
+
+    def register(self, conn: Connection) -> bool:
+        """Add a connection; True when it is its user's first here (subscribe the user)."""
+        self.connections.add(conn)
+        conns = self.users.setdefault(conn.user.sub, set())
+        conns.add(conn)
+        return len(conns) == 1
+
+    def unregister(self, conn: Connection) -> bool:
+        """Remove a connection; True when its user has no connection left here."""
+        self.connections.discard(conn)
+        conns = self.users.get(conn.user.sub)
+        if conns is None:
+            return False
+        conns.discard(conn)
+        if conns:
+            return False
+        del self.users[conn.user.sub]
+        return True
+
+    def user_connections(self, sub: str) -> int:
+        return len(self.users.get(sub, ()))
+
+    # ------------------------------------------------------------------ rooms
+
+    def open_room(self, name: str) -> bool:
+        """Make sure the room exists; True when it is new here (subscribe the broker)."""
+        if name in self.rooms:
+            return False
+        self.rooms[name] = Room(name)
+        return True
+
+    def close_room_if_empty(self, name: str) -> bool:
+        """Drop an empty room; True when dropped (unsubscribe the broker)."""
+        room = self.rooms.get(name)
+        if room is None or room.members or room.replaying or room.users:
+            return False
+        self._flush(room)
+        del self.rooms[name]
+        return True
+
+    def add(self, conn: Connection, name: str) -> bool:
+        """Make conn a live member; True when it is its user's first connection in the room."""
+        room = self.rooms[name]
+        self._flush(room)
+        room.members.add(conn)
+        conn.rooms.add(name)
+        count = room.users.get(conn.user.sub, 0) + 1
+        room.users[conn.user.sub] = count
+        return count == 1
+
+    def add_replaying(self, conn: Connection, name: str) -> bool:
+        """Like add, but live payloads are held for conn until finish_replay."""
+        room = self.rooms[name]
+        self._flush(room)
+        room.replaying[conn] = []
+        conn.rooms.add(name)
+        count = room.users.get(conn.user.sub, 0) + 1
+        room.users[conn.user.sub] = count
+        return count == 1
+
+    def finish_replay(self, conn: Connection, name: str, last_id: str | None) -> None:
+        """Write the held payloads newer than the replay's last id, then go live."""
+        room = self.rooms[name]
+        self._flush(room)
+        held = room.replaying.pop(conn, [])
+        after = parse_id(last_id) if last_id else (-1, -1)
+        for payload in held:
+            message_id = message_id_of(payload)
+            if message_id is None or parse_id(message_id) > after:
+                conn.write(text_frame(payload))
+        room.members.add(conn)
+
+    def remove(self, conn: Connection, name: str) -> bool:
+        """Take conn out of a room; True when its user has no connection left in it."""
+        room = self.rooms.get(name)
+        conn.rooms.discard(name)
+        if room is None:
+            return False
+        self._flush(room)
+        if conn in room.members:
+            room.members.discard(conn)
+        elif room.replaying.pop(conn, None) is None:
+            return False  # not a member: nothing to count down
+        count = room.users.get(conn.user.sub, 0) - 1
+        if count > 0:
+            room.users[conn.user.sub] = count
+            return False
+        room.users.pop(conn.user.sub, None)
+        return True

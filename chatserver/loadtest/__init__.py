@@ -1,0 +1,1 @@
+"""chatserver-loadtest: a multi-instance load generator."""

@@ -1,0 +1,188 @@
+"""The /ws handler: upgrade, refuse or register, read loop, and every way a socket closes.
+
+Only this handler task reads from its socket. Other tasks that want a socket closed call
+Connection.kick(); the Closer sends the close frame and, if the peer never drains its
+backlog, aborts the transport after a bound so a stalled client cannot pin memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+
+from .auth.tokens import User
+from .auth.web import AUTH_FAILURE, USER
+from .broker.base import BrokerUnavailable
+from .chat import ChatService
+from .config import Settings
+from .connection import Connection
+from .observability import Metrics
+from .protocol import (
+    BAD_REQUEST,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_LATER,
+    LOBBY,
+    STREAM_ID,
+    error_event,
+)
+
+log = logging.getLogger(__name__)
+
+CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds a kicked peer has to drain and answer our close
+
+
+def instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Closer:
+    """Owns the tasks that close kicked connections; shutdown awaits them."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._metrics = metrics
+
+    def __call__(self, conn: Connection) -> None:
+        self._metrics.closes.labels(str(conn.close_code)).inc()
+        if conn.close_code == CLOSE_TRY_LATER:
+            self._metrics.slow_consumers.inc()
+        task = asyncio.create_task(self._close(conn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _close(self, conn: Connection) -> None:
+        transport = conn.transport
+        abort = asyncio.get_running_loop().call_later(
+            CLOSE_HANDSHAKE_TIMEOUT, transport.abort
+        )
+        try:
+            await conn.ws.close(
+                code=conn.close_code or CLOSE_GOING_AWAY,
+                message=conn.close_reason.encode(),
+                drain=False,
+            )
+        except (ConnectionError, RuntimeError):
+            transport.abort()
+        if transport.is_closing() and transport.get_write_buffer_size() == 0:
+            abort.cancel()
+
+
+@dataclass
+class WsContext:
+    settings: Settings
+    chat: ChatService
+    metrics: Metrics
+    closer: Closer
+    instance: str
+    draining: asyncio.Event
+
+
+async def handle_ws(request: web.Request, ctx: WsContext) -> web.WebSocketResponse:
+    settings = ctx.settings
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat or None,
+        max_msg_size=settings.max_message_bytes,
+        compress=settings.compress,
+        timeout=CLOSE_HANDSHAKE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    user: User | None = request.get(USER)
+    if user is None:
+        code, reason = request.get(AUTH_FAILURE, (CLOSE_POLICY, "not signed in"))
+        log.info("refused upgrade from %s: %s", request.remote, reason)
+        await ws.close(code=code, message=reason.encode())
+        return ws
+    refusal = _refusal(ctx, user)
+    if refusal:
+        await ws.close(code=CLOSE_TRY_LATER, message=refusal.encode())
+        return ws
+    transport = request.transport
+    assert transport is not None
+    conn = Connection(
+        ws,
+        transport,
+        user,
+        backlog_limit=settings.backlog_bytes,
+        rate=settings.rate_per_second,
+        burst=settings.rate_burst,
+        on_kick=ctx.closer,
+    )
+    try:
+        await _serve(request, ctx, conn)
+    finally:
+        ctx.metrics.connections.dec()
+    return ws
+
+
+def _refusal(ctx: WsContext, user: User) -> str | None:
+    if ctx.draining.is_set():
+        return "server shutting down"
+    hub = ctx.chat.hub
+    if len(hub.connections) >= ctx.settings.max_connections:
+        return "server full"
+    if hub.user_connections(user.sub) >= ctx.settings.max_connections_per_user:
+        return "too many connections for this user"
+    return None
+
+
+async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None:
+    ctx.metrics.connections.inc()
+    since, epoch = request.query.get("since"), request.query.get("epoch")
+    bad_resume = since is not None and not STREAM_ID.fullmatch(since)
+    if bad_resume:
+        since = epoch = None
+    greeting = {
+        "type": "welcome",
+        "user": conn.user.public(),
+        "rooms": [LOBBY],
+        "instance": ctx.instance,
+    }
+    try:
+        await ctx.chat.connect(conn, greeting, since, epoch)
+    except BrokerUnavailable:
+        await conn.ws.close(code=CLOSE_TRY_LATER, message=b"broker unavailable")
+        return
+    if bad_resume:
+        conn.send(error_event(BAD_REQUEST, "since must be a message id; joined without resume"))
+    expiry = asyncio.get_running_loop().call_later(
+        max(0.0, conn.user.exp + ctx.settings.token_leeway - time.time()),
+        conn.kick,
+        CLOSE_TOKEN_EXPIRED,
+        "token expired",
+    )
+    log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, ctx.instance)
+    try:
+        async for msg in conn.ws:
+            if conn.closed:
+                break
+            if msg.type == WSMsgType.TEXT:
+                ctx.metrics.messages_in.inc()
+                await ctx.chat.handle_text(conn, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
+    finally:
+        expiry.cancel()
+        await ctx.chat.disconnect(conn)
+        code = conn.close_code or conn.ws.close_code
+        reason = conn.close_reason or ("client closed" if conn.close_code is None else "")
+        log.info(
+            "disconnect %s user=%s instance=%s code=%s reason=%s",
+            conn.id, conn.user.sub, ctx.instance, code, reason,
+        )
+
+
+async def close_all(ctx: WsContext, code: int, reason: str, grace: float) -> None:
+    """Kick every connection and wait (bounded) for the closes to finish."""
+    for conn in list(ctx.chat.hub.connections):
+        conn.kick(code, reason)
+    tasks = list(ctx.closer.tasks)
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace)

@@ -1,0 +1,94 @@
+// Auth: who is signed in, through the server's /auth/* routes. The tokens live in
+// HttpOnly cookies this code never sees; it only learns the user or the error.
+
+/** An /auth/* call that failed; `detail` is the server's message for the user. */
+export class AuthError extends Error {
+  constructor(status, code, detail) {
+    super(detail || code || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+    this.detail = this.message;
+  }
+}
+
+async function call(method, path, body) {
+  const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (method !== "GET") {
+    // The server wants JSON on every cookie-authenticated POST (a CSRF guard).
+    init.headers["Content-Type"] = "application/json";
+    if (body !== undefined) init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  let data = {};
+  try { data = await res.json(); } catch { /* empty or non-JSON body */ }
+  if (!res.ok) throw new AuthError(res.status, data.error, data.detail);
+  return data;
+}
+
+/**
+ * Events: "change" with detail {user} (null when signed out).
+ * load() on page start; login(); logout(); plus checkSession() and refresh() for
+ * the socket service.
+ */
+export class Auth extends EventTarget {
+  constructor() {
+    super();
+    this.user = null;
+  }
+
+  setUser(user) {
+    const changed = (user?.sub ?? null) !== (this.user?.sub ?? null);
+    this.user = user;
+    if (changed) this.dispatchEvent(new CustomEvent("change", { detail: { user } }));
+  }
+
+  /** GET /auth/me: resolves to the user or null; rejects only when the server is unreachable. */
+  async load() {
+    try {
+      const { user } = await call("GET", "/auth/me");
+      this.setUser(user);
+    } catch (err) {
+      if (!(err instanceof AuthError) || err.status !== 401) throw err;
+      this.setUser(null);
+    }
+    return this.user;
+  }
+
+  /** POST /auth/login; rejects with AuthError (detail is shown to the user). */
+  async login(username, password) {
+    const { user } = await call("POST", "/auth/login", { username, password });
+    this.setUser(user);
+    return user;
+  }
+
+  /** POST /auth/logout; the server closes this user's sockets with 1000 "signed out". */
+  async logout() {
+    await call("POST", "/auth/logout");
+    this.setUser(null);
+  }
+
+  /** Forget the user locally (the server refused the session). */
+  signedOut() { this.setUser(null); }
+
+  /** For the socket: "ok", "signed-out" (401), "error" (other answer) or "offline" (none). */
+  async checkSession() {
+    try {
+      await call("GET", "/auth/me");
+      return "ok";
+    } catch (err) {
+      if (!(err instanceof AuthError)) return "offline";
+      return err.status === 401 ? "signed-out" : "error";
+    }
+  }
+
+  /** For the socket after 4001: true when the refresh cookie bought a new token. */
+  async refresh() {
+    try {
+      const { user } = await call("POST", "/auth/refresh");
+      if (user) this.user = user;
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}

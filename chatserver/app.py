@@ -25,7 +25,7 @@ from .broker.redis import RedisBroker
 from .chat import ChatService, Limits
 from .config import Settings
 from .hub import Hub
-from .observability import Metrics, healthz, metrics_handler, readyz_handler
+from .observability import Metrics, healthz_handler, metrics_handler, readyz_handler
 from .ws import Closer, WsContext, close_all, handle_ws, instance_name
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ def create_app(
         middlewares=[_auth_middleware], client_max_size=settings.max_message_bytes
     )
     app[SETTINGS] = settings
-    app.cleanup_ctx.append(_services(settings, broker, metrics))
+    instance = instance_name()
+    app.cleanup_ctx.append(_services(settings, broker, metrics, instance))
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(_security_headers)
 
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_handler(instance))
     app.router.add_get("/readyz", readyz_handler(_ready))
     app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/ws", _ws)
@@ -72,9 +73,8 @@ def create_app(
     return app
 
 
-def _services(settings: Settings, given: Broker | None, metrics: Metrics):  # type: ignore[no-untyped-def]
+def _services(settings: Settings, given: Broker | None, metrics: Metrics, instance: str):  # type: ignore[no-untyped-def]
     async def services(app: web.Application) -> AsyncIterator[None]:
-        instance = instance_name()
         session = aiohttp.ClientSession()
         broker = given or _make_broker(settings, instance, metrics)
         hub = Hub(on_delivered=metrics.messages_out.inc)

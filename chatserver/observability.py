@@ -68,8 +68,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+def healthz_handler(instance: str) -> Handler:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "instance": instance})
+
+    return healthz
 
 
 def readyz_handler(is_ready: ReadyCheck) -> Handler:

@@ -1,0 +1,94 @@
+"""Fixtures: a real redis-server on a free port, real `chatserver` processes, and the
+dev signing key. Every process started here is stopped by its PID at teardown.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chatserver.auth.dev import DevIssuer, new_private_key_pem
+from tests.support import RedisServer, ServerProcess, base_env, free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests that kill Redis use make_redis instead."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session Redis, emptied for this test."""
+    redis_server.command("FLUSHALL")
+    return redis_server.url
+
+
+@pytest.fixture
+def make_redis(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    started: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(tmp_path)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dev_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("devkey") / "dev-key.pem"
+    path.write_bytes(new_private_key_pem())
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dev_issuer(dev_key_file: Path) -> DevIssuer:
+    """Mints tokens that servers started with CHAT_DEV_KEY_FILE=dev_key_file accept."""
+    return DevIssuer(dev_key_file.read_bytes())
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: make_server(workers=1, redis_url=None, env={}, start=True)."""
+    started: list[ServerProcess] = []
+
+    def make(*, workers: int = 1, redis_url: str | None = None, env: dict[str, str] | None = None,
+             port: int | None = None, start: bool = True, extra_args: list[str] | None = None
+             ) -> ServerProcess:
+        port = port or free_port()
+        args = [sys.executable, "-m", "chatserver", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers), *(extra_args or [])]
+        if redis_url:
+            args += ["--redis-url", redis_url]
+        server = ServerProcess(args, base_env(env or {}), port, workers, tmp_path,
+                               tmp_path / f"chatserver-{port}.log")
+        started.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[list[aiohttp.ClientSession]]:
+    """Collects client sessions a test opens, and closes them."""
+    opened: list[aiohttp.ClientSession] = []
+    yield opened
+    for session in opened:
+        await session.close()

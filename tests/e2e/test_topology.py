@@ -1,0 +1,692 @@
+"""The compose topology, run natively: redis, three chatserver replicas, nginx in front.
+
+No Docker engine runs here, so the same pieces run as local processes on 127.0.0.1:
+a real redis-server, three `chatserver --workers 2` replicas and Debian's nginx with
+deploy/nginx.conf rendered for their addresses (deploy/render_nginx.py). Clients speak
+to nginx only, reconnect with jitter on a retryable close, and resume every room from
+the last id they hold (lobby via /ws?since=&epoch=, others via join with since).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support import SCALE, ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+GRACE = 3.0  # CHAT_GRACE of the replicas: a SIGTERM drain ends within this
+TERMINAL_CLOSES = {1000, 1008, 1009, 4001}
+RETRY_STATUSES = {502, 503, 504}
+
+if not Path(NGINX).exists() or shutil.which("redis-server") is None:
+    pytest.skip("needs nginx and redis-server (apt-get install nginx-light redis-server)",
+                allow_module_level=True)
+
+
+def load_renderer() -> ModuleType:
+    """Import deploy/render_nginx.py (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "render_nginx", ROOT / "deploy" / "render_nginx.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_nginx = load_renderer()
+
+
+def id_key(message_id: str) -> tuple[int, int]:
+    """A stream id `<ms>-<seq>` as two integers, the order PROTOCOL.md defines."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def wait_until(predicate: Callable[[], bool], changed: asyncio.Condition,
+                     timeout: float, what: str) -> None:
+    """Wait for `predicate`, re-checked whenever a client reports a change; bounded."""
+    try:
+        async with asyncio.timeout(timeout * SCALE), changed:
+            await changed.wait_for(predicate)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout * SCALE:.0f}s waiting for {what}") from None
+
+
+# ----------------------------------------------------------------- processes
+
+
+class Process:
+    """A child process in its own session (so its workers can be reached by group)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path,
+                 log: Path) -> None:
+        self.name, self.argv, self.env, self.cwd, self.log = name, argv, env, cwd, log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        assert not self.running
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True,
+            )
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout * SCALE):
+            return await self.proc.wait()
+
+    def signal(self, signum: int) -> None:
+        """Signal the process we started (by its PID)."""
+        if self.running:
+            os.kill(self.pid, signum)
+
+    def kill_group(self) -> None:
+        """SIGKILL everything in the session we created (the PID's process group)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def group_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def descendants(self) -> set[int]:
+        """PIDs of the children (workers) of this process, from /proc."""
+        found: set[int] = set()
+        frontier = [self.pid]
+        for _ in range(4):  # supervisor -> workers; bounded depth
+            next_frontier = []
+            for pid in frontier:
+                with contextlib.suppress(OSError):
+                    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                    next_frontier += [int(c) for c in children]
+            found.update(next_frontier)
+            frontier = next_frontier
+        return found
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = GRACE + 5) -> None:
+        """Stop it: `signum` to the PID, then SIGKILL to its group if anything is left."""
+        try:
+            if self.running:
+                self.signal(signum)
+                with contextlib.suppress(TimeoutError):
+                    await self.wait(timeout)
+        finally:
+            self.kill_group()
+            if self.proc is not None and self.proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await self.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+async def poll_http(session: aiohttp.ClientSession, url: str, process: Process,
+                    timeout: float) -> None:
+    """GET `url` until 200; a process that exits meanwhile fails at once. Bounded."""
+    deadline = time.monotonic() + timeout * SCALE
+    last: object = None
+    for _ in range(10_000):
+        if not process.running:
+            raise AssertionError(f"{process.name} exited\n{process.tail()}")
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+                last = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)  # nothing to await: the server gives no ready signal
+    raise AssertionError(f"{url} not ready after {timeout * SCALE:.0f}s: {last}\n{process.tail()}")
+
+
+@dataclass
+class Topology:
+    """The running pieces and how to reach them."""
+
+    redis_url: str
+    prefix: str
+    replicas: list[Process]
+    replica_ports: list[int]
+    nginx: Process
+    base: str
+    session: aiohttp.ClientSession
+
+    @property
+    def origin(self) -> str:
+        return self.base
+
+    async def restart(self, index: int) -> None:
+        """Start replica `index` again on its port and wait for /readyz."""
+        replica = self.replicas[index]
+        await replica.start()
+        await poll_http(self.session, f"http://127.0.0.1:{self.replica_ports[index]}/readyz",
+                        replica, 20)
+
+    def replica_of(self, instance: str) -> int | None:
+        """Which replica a welcome frame's `instance` (host:pid) belongs to."""
+        pid = int(instance.rsplit(":", 1)[1])
+        for index, replica in enumerate(self.replicas):
+            if replica.running and pid in replica.descendants() | {replica.pid}:
+                return index
+        return None
+
+    def tails(self) -> str:
+        return "\n".join(p.tail() for p in [*self.replicas, self.nginx])
+
+
+def server_env(redis_url: str, prefix: str, origin: str, extra: dict[str, str]) -> dict[str, str]:
+    """The replicas' environment: ours, less any chatserver setting of the caller's shell."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHAT_", "AWS_")) and k not in ("PORT", "REDIS_URL")}
+    env.update({
+        "REDIS_URL": redis_url,
+        "CHAT_REDIS_PREFIX": prefix,
+        "CHAT_ALLOWED_ORIGINS": origin,
+        "CHAT_COOKIE_SECURE": "0",  # plain http, as in compose
+        "CHAT_TRUSTED_PROXIES": "127.0.0.1",  # nginx's address, as the compose subnet there
+        "CHAT_GRACE": str(GRACE),
+        "CHAT_LOG_LEVEL": "INFO",
+        **extra,
+    })
+    return env
+
+
+@contextlib.asynccontextmanager
+async def topology(tmp_path: Path, redis_url: str, ports: Iterable[int], *, replicas: int,
+                   extra_env: dict[str, str] | None = None) -> AsyncIterator[Topology]:
+    """Start `replicas` chatservers (2 workers each) and nginx; stop them all by PID after."""
+    port_iter = iter(ports)
+    nginx_port = next(port_iter)
+    replica_ports = [next(port_iter) for _ in range(replicas)]
+    base = f"http://127.0.0.1:{nginx_port}"
+    prefix = f"topo-{uuid.uuid4().hex[:8]}:"
+    env = server_env(redis_url, prefix, base, extra_env or {})
+    tmp_path.chmod(0o755)  # nginx workers (nobody) write temp files below it
+
+    procs = [
+        Process(f"replica{i}", [CHATSERVER, "--host", "127.0.0.1", "--port", str(port),
+                                "--workers", "2", "--redis-url", redis_url],
+                env, tmp_path, tmp_path / f"replica{i}.log")
+        for i, port in enumerate(replica_ports)
+    ]
+    runtime = tmp_path / "nginx"
+    runtime.mkdir(mode=0o755)
+    conf = runtime / "nginx.conf"
+    conf.write_text(render_nginx.render(
+        (ROOT / "deploy" / "nginx.conf").read_text(),
+        listen=f"127.0.0.1:{nginx_port}",
+        servers=[f"127.0.0.1:{port}" for port in replica_ports],
+        runtime_dir=runtime,
+    ))
+    nginx = Process(
+        "nginx",
+        [NGINX, "-p", f"{runtime}/", "-c", str(conf), "-e", str(runtime / "error.log"),
+         "-g", f"daemon off; master_process on; pid {runtime / 'nginx.pid'};"],
+        dict(os.environ), runtime, tmp_path / "nginx.log",
+    )
+    connector = aiohttp.TCPConnector(limit=0)
+    session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+    topo = Topology(redis_url, prefix, procs, replica_ports, nginx, base, session)
+    try:
+        for proc in procs:
+            await proc.start()
+        await nginx.start()
+        for index in range(replicas):
+            await poll_http(session, f"http://127.0.0.1:{replica_ports[index]}/readyz",
+                            procs[index], 20)
+        await poll_http(session, f"{base}/healthz", nginx, 10)
+        yield topo
+    except BaseException:
+        print(topo.tails())
+        raise
+    finally:
+        try:
+            await asyncio.gather(*(p.stop() for p in [nginx, *procs]))
+        finally:
+            await session.close()
+
+
+# -------------------------------------------------------------------- client
+
+
+@dataclass
+class RoomLog:
+    """What one client holds of one room."""
+
+    last_id: str | None = None
+    epoch: str | None = None
+    ids: set[str] = field(default_factory=set)
+    duplicates: list[str] = field(default_factory=list)
+    out_of_order: list[tuple[str, str]] = field(default_factory=list)
+    incomplete: int = 0
+
+
+class ChatClient:
+    """A resuming chat client: reconnects on retryable closes, replays each room from its last id."""
+
+    def __init__(self, topo: Topology, username: str, rooms: list[str],
+                 changed: asyncio.Condition) -> None:
+        self.topo, self.username, self.changed = topo, username, changed
+        self.rooms = {room: RoomLog() for room in ["lobby", *rooms]}
+        self.extra_rooms = rooms
+        self.token: str | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ready = False  # welcome seen and every room joined or recovered
+        self.instances: list[str] = []
+        self.closes: list[int | str] = []
+        self.terminal: str | None = None
+        self.acks: dict[str, str] = {}  # ref -> message id
+        self.sent: dict[str, tuple[str, int]] = {}  # ref -> (room, connection number)
+        self.connections = 0
+        self.refs = itertools.count()
+        self.errors: list[dict[str, Any]] = []
+
+    async def sign_in(self) -> None:
+        """Dev sign-in through nginx; keep the authToken cookie."""
+        async with self.topo.session.post(
+            f"{self.topo.base}/auth/login",
+            json={"username": self.username, "password": "pw"},
+            headers={"Origin": self.topo.origin},
+        ) as resp:
+            assert resp.status == 200, f"login {self.username}: {resp.status} {await resp.text()}"
+            self.token = resp.cookies["authToken"].value
+
+    async def run(self, stop: asyncio.Event, max_connects: int = 40) -> None:
+        """Stay connected until `stop`; back off with jitter between attempts."""
+        backoff = 0.1
+        for _ in range(max_connects):
+            if stop.is_set() or self.terminal:
+                return
+            try:
+                connected = await self._connect_once(stop)
+            except aiohttp.WSServerHandshakeError as exc:
+                self.closes.append(f"handshake {exc.status}")
+                if exc.status not in RETRY_STATUSES:
+                    self.terminal = f"handshake refused: {exc.status}"
+                    await self._notify()
+                    return
+                connected = False
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.closes.append(type(exc).__name__)
+                connected = False
+            backoff = 0.1 if connected else min(backoff * 2, 1.0)
+            if stop.is_set() or self.terminal:
+                return
+            with contextlib.suppress(TimeoutError):  # jittered backoff, cut short by stop
+                async with asyncio.timeout(random.uniform(0.05, backoff)):
+                    await stop.wait()
+        self.terminal = f"gave up after {max_connects} connects"
+        await self._notify()
+
+    async def _connect_once(self, stop: asyncio.Event) -> bool:
+        lobby = self.rooms["lobby"]
+        params = {}
+        if lobby.last_id is not None:
+            params = {"since": lobby.last_id, "epoch": lobby.epoch or ""}
+        async with asyncio.timeout(10 * SCALE):
+            ws = await self.topo.session.ws_connect(
+                f"{self.topo.base}/ws", params=params, heartbeat=None, autoping=True,
+                headers={"Origin": self.topo.origin, "Cookie": f"authToken={self.token}"},
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+            )
+        self.ws = ws
+        self.connections += 1
+        pending = set(self.rooms)
+        welcomed = False
+        try:
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                while True:
+                    receive = asyncio.ensure_future(ws.receive())
+                    done, _ = await asyncio.wait({receive, stopper},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if receive not in done:
+                        receive.cancel()
+                        await ws.close()
+                        return welcomed
+                    msg = receive.result()
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    frame = json.loads(msg.data)
+                    kind = frame.get("type")
+                    if kind == "welcome":
+                        welcomed = True
+                        self.instances.append(frame["instance"])
+                        for room in self.extra_rooms:
+                            await ws.send_json(self._join_frame(room))
+                    elif kind in ("joined", "recovered"):
+                        self._joined(frame)
+                        pending.discard(frame["room"])
+                        if not pending:
+                            self.ready = True
+                    elif kind == "message":
+                        self._message(frame)
+                    elif kind == "ack":
+                        self.acks[frame["ref"]] = frame["id"]
+                    elif kind == "error":
+                        self.errors.append(frame)
+                    await self._notify()
+            finally:
+                stopper.cancel()
+        finally:
+            self.ready = False
+            self.ws = None
+            code = ws.close_code if ws.close_code is not None else "no close"
+            self.closes.append(code)
+            if code in TERMINAL_CLOSES:
+                self.terminal = f"closed {code}"
+            await ws.close()
+            await self._notify()
+        return welcomed
+
+    def _join_frame(self, room: str) -> dict[str, str]:
+        log = self.rooms[room]
+        frame = {"type": "join", "room": room}
+        if log.last_id is not None:
+            frame.update(since=log.last_id, epoch=log.epoch or "")
+        return frame
+
+    def _joined(self, frame: dict[str, Any]) -> None:
+        log = self.rooms[frame["room"]]
+        if frame["type"] == "recovered" and not frame["complete"]:
+            log.incomplete += 1
+        log.epoch = frame["epoch"]
+
+    def _message(self, frame: dict[str, Any]) -> None:
+        log = self.rooms.get(frame["room"])
+        if log is None:
+            return
+        message_id = frame["id"]
+        if message_id in log.ids:
+            log.duplicates.append(message_id)
+            return
+        if log.last_id is not None and id_key(message_id) < id_key(log.last_id):
+            log.out_of_order.append((log.last_id, message_id))
+        log.ids.add(message_id)
+        if log.last_id is None or id_key(message_id) > id_key(log.last_id):
+            log.last_id = message_id
+
+    async def publish(self, room: str) -> bool:
+        """Send one message if connected and joined; True if it went out."""
+        ws = self.ws
+        if ws is None or not self.ready or ws.closed:
+            return False
+        ref = f"{self.username}-{next(self.refs)}"
+        try:
+            await ws.send_json({"type": "publish", "room": room, "ref": ref,
+                                "message": f"{self.username} says {ref}"})
+        except (ConnectionError, RuntimeError):  # closed under us; not sent
+            return False
+        self.sent[ref] = (room, self.connections)
+        return True
+
+    def settled(self) -> bool:
+        """Every message sent on the open connection has its ack."""
+        return self.terminal is not None or all(
+            ref in self.acks for ref, (_, n) in self.sent.items() if n == self.connections
+        )
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+
+async def sender(client: ChatClient, stop: asyncio.Event, room_every: float,
+                 lobby_every: int) -> None:
+    """Publish steadily: one message per `room_every` s, every `lobby_every`th to the lobby."""
+    await asyncio.sleep(random.uniform(0, room_every))  # spread the clients' phases
+    for n in itertools.count():
+        if stop.is_set():
+            return
+        room = "lobby" if n % lobby_every == lobby_every - 1 else client.extra_rooms[0]
+        await client.publish(room)
+        with contextlib.suppress(TimeoutError):  # pacing, cut short by stop
+            async with asyncio.timeout(room_every * random.uniform(0.8, 1.2)):
+                await stop.wait()
+
+
+# --------------------------------------------------------------------- tests
+
+
+@pytest.fixture
+def ports(free_port: Callable[[], int]) -> Iterable[int]:
+    """A supply of free local ports."""
+    return iter(lambda: free_port(), None)
+
+
+async def start_clients(topo: Topology, count: int, groups: int,
+                        changed: asyncio.Condition,
+                        stop: asyncio.Event) -> tuple[list[ChatClient], list[asyncio.Task[None]]]:
+    """Sign `count` users in through nginx, connect them, wait until all are ready."""
+    run_id = uuid.uuid4().hex[:6]
+    clients = [ChatClient(topo, f"u{run_id}-{i}", [f"g{i % groups}"], changed)
+               for i in range(count)]
+    await asyncio.gather(*(c.sign_in() for c in clients))
+    tasks = [asyncio.create_task(c.run(stop)) for c in clients]
+    await wait_until(lambda: all(c.ready or c.terminal for c in clients), changed, 20,
+                     "every client to connect")
+    assert not [c.terminal for c in clients if c.terminal]
+    return clients, tasks
+
+
+def all_ready(clients: list[ChatClient]) -> bool:
+    return all(c.ready or c.terminal for c in clients)
+
+
+async def seed_rooms(clients: list[ChatClient], changed: asyncio.Condition) -> None:
+    """One message per room, held by every member: after it, every client can resume by id."""
+    by_room: dict[str, ChatClient] = {}
+    for client in clients:
+        for room in client.rooms:
+            by_room.setdefault(room, client)
+    for room, client in by_room.items():
+        assert await client.publish(room)
+    await wait_until(lambda: all(log.last_id for c in clients for log in c.rooms.values()),
+                     changed, 10, "the seed message of every room")
+
+
+async def stream_ids(topo: Topology, room: str) -> list[str] | None:
+    """The room's history stream in Redis (None if the layout is not the expected one)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(topo.redis_url)
+    try:
+        key = f"{topo.prefix}history:{room}"
+        if await client.type(key) != b"stream":
+            return None
+        return [entry_id.decode() for entry_id, _ in await client.xrange(key)]
+    finally:
+        await client.aclose()
+
+
+async def check_everything_held(topo: Topology, clients: list[ChatClient],
+                                changed: asyncio.Condition) -> dict[str, set[str]]:
+    """Wait until every client holds every known message of its rooms; assert exactly once."""
+    expected: dict[str, set[str]] = {}
+    for client in clients:
+        for room, log in client.rooms.items():
+            expected.setdefault(room, set()).update(log.ids)
+        for ref, message_id in client.acks.items():
+            expected.setdefault(client.sent[ref][0], set()).add(message_id)
+    for room in expected:
+        stored = await stream_ids(topo, room)
+        if stored is not None:
+            assert set(stored) >= expected[room], f"{room}: delivered ids missing from history"
+            expected[room] = set(stored)
+
+    def complete() -> bool:
+        return all(c.terminal or (c.ready and all(expected[r] <= log.ids
+                                                  for r, log in c.rooms.items()))
+                   for c in clients)
+
+    try:
+        await wait_until(complete, changed, 15, "every client to hold every message")
+    finally:
+        problems = []
+        for c in clients:
+            if c.terminal:
+                problems.append(f"{c.username}: {c.terminal}; closes {c.closes}")
+            for room, log in c.rooms.items():
+                missing = expected[room] - log.ids
+                if missing or log.duplicates or log.out_of_order or log.incomplete:
+                    problems.append(
+                        f"{c.username}/{room}: missing {len(missing)} {sorted(missing)[:3]}, "
+                        f"duplicates {log.duplicates[:3]}, out of order {log.out_of_order[:3]}, "
+                        f"incomplete recoveries {log.incomplete}; closes {c.closes}")
+        if problems:
+            print("\n".join(problems[:40]))
+    assert not problems, f"{len(problems)} problems, first: {problems[:5]}"
+    return expected
+
+
+async def test_clients_spread_over_replicas_and_hear_each_other(
+    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+) -> None:
+    """Through nginx, clients land on several replicas and all receive each other's messages."""
+    changed, stop = asyncio.Condition(), asyncio.Event()
+    async with topology(tmp_path, redis_server.url, ports, replicas=3,
+                        extra_env={"CHAT_LOGIN_RATE": "1000"}) as topo:
+        clients, tasks = await start_clients(topo, 12, 1, changed, stop)
+        try:
+            replicas = {topo.replica_of(c.instances[-1]) for c in clients}
+            assert None not in replicas
+            assert len(replicas) >= 2, f"least_conn put every client on {replicas}"
+            for client in clients:
+                assert await client.publish("g0")
+            expected = await check_everything_held(topo, clients, changed)
+            assert len(expected["g0"]) == len(clients)
+            for client in clients:  # every sender's message reached every client
+                senders = {c.username for c in clients}
+                assert len(client.rooms["g0"].ids) == len(senders)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10 * SCALE)
+
+
+async def test_rolling_restart_and_crash_lose_nothing(
+    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+) -> None:
+    """60 clients under load through a SIGTERM rolling restart and a SIGKILL: all held once."""
+    changed, stop, stop_sending = asyncio.Condition(), asyncio.Event(), asyncio.Event()
+    async with topology(tmp_path, redis_server.url, ports, replicas=3,
+                        extra_env={"CHAT_LOGIN_RATE": "1000",
+                                   "CHAT_HISTORY_MAXLEN": "100000"}) as topo:
+        clients, tasks = await start_clients(topo, 60, 6, changed, stop)
+        senders: list[asyncio.Task[None]] = []
+        try:
+            assert len({topo.replica_of(c.instances[-1]) for c in clients}) >= 2
+            await seed_rooms(clients, changed)
+            # Each client: 2 msg/s to its group room, every 10th to the lobby.
+            senders = [asyncio.create_task(sender(c, stop_sending, 0.5, 10)) for c in clients]
+            reconnects_before = sum(len(c.instances) for c in clients)
+
+            for index, replica in enumerate(topo.replicas):  # rolling restart
+                on_it = [c for c in clients if topo.replica_of(c.instances[-1]) == index]
+                replica.signal(signal.SIGTERM)
+                code = await replica.wait(GRACE + 5)
+                assert code == 0, f"replica{index} exited {code} on SIGTERM\n{replica.tail()}"
+                assert not replica.group_alive(), f"replica{index} left workers behind"
+                await topo.restart(index)
+                await wait_until(lambda: all_ready(clients), changed, 15,
+                                 f"clients of replica{index} ({len(on_it)}) to come back")
+
+            # Crash: SIGKILL the replica holding the most clients, workers and all.
+            counts = [sum(1 for c in clients if topo.replica_of(c.instances[-1]) == i)
+                      for i in range(3)]
+            victim = counts.index(max(counts))
+            victims = [c for c in clients if topo.replica_of(c.instances[-1]) == victim]
+            assert victims
+            topo.replicas[victim].kill_group()
+            assert await topo.replicas[victim].wait(5) == -signal.SIGKILL
+            await wait_until(
+                lambda: all(c.ready and topo.replica_of(c.instances[-1]) not in (None, victim)
+                            for c in victims) and all_ready(clients),
+                changed, 15, "the crashed replica's clients to move to the others")
+            await topo.restart(victim)
+
+            with contextlib.suppress(TimeoutError):  # a little more load after the crash
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            stop_sending.set()
+            await asyncio.gather(*senders)
+
+            await wait_until(lambda: all(c.settled() for c in clients), changed, 10,
+                             "an ack for every message sent on a live connection")
+            expected = await check_everything_held(topo, clients, changed)
+            assert sum(len(c.instances) for c in clients) - reconnects_before >= 60
+            assert sum(len(ids) for ids in expected.values()) > 500, "too little load"
+            errors = [e for c in clients for e in c.errors if e.get("code") != "unavailable"]
+            assert not errors, errors[:5]
+        finally:
+            stop_sending.set()
+            stop.set()
+            for task in senders:
+                task.cancel()
+            await asyncio.wait_for(asyncio.gather(*tasks, *senders, return_exceptions=True),
+                                   10 * SCALE)
+
+
+async def test_forwarded_for_cannot_be_spoofed_through_nginx(
+    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+) -> None:
+    """nginx overwrites X-Forwarded-For, so a client cannot dodge the per-IP sign-in limit."""
+    rate = 3
+    async with topology(tmp_path, redis_server.url, ports, replicas=1,
+                        extra_env={"CHAT_LOGIN_RATE": str(rate)}) as topo:
+
+        async def login(base: str, n: int, forwarded: str) -> int:
+            async with topo.session.post(
+                f"{base}/auth/login", json={"username": f"spoof{n}", "password": "pw"},
+                headers={"Origin": topo.origin, "X-Forwarded-For": forwarded},
+            ) as resp:
+                return resp.status
+
+        # Two windows' worth plus one: a limit window may roll over once meanwhile.
+        through_nginx = [await login(topo.base, n, f"203.0.113.{n}") for n in range(2 * rate + 1)]
+        assert 429 in through_nginx, through_nginx
+        # The replica itself believes its trusted proxy (127.0.0.1): distinct hops, no limit.
+        direct = f"http://127.0.0.1:{topo.replica_ports[0]}"
+        straight = [await login(direct, 100 + n, f"198.51.100.{n}") for n in range(2 * rate + 1)]
+        assert straight == [200] * len(straight)

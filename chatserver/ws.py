@@ -162,7 +162,7 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
     try:
         async for msg in conn.ws:
             if conn.closed:
-                break
+                continue  # the Closer is ending it; returning now would close with 1000
             if msg.type == WSMsgType.TEXT:
                 ctx.metrics.messages_in.inc()
                 await ctx.chat.handle_text(conn, msg.data)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
 
+from tests.support import ServerProcess, scaled
+
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,8 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCALE = float(os.environ.get("CHAT_TEST_TIME_SCALE", "1"))
-TIMEOUT_MS = 10_000 * SCALE
+TIMEOUT_MS = scaled(10) * 1000
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
 XSS = "<img src=x onerror=alert(1)>"
 A_LONG_TIME_MS = 120_000  # well past the 30 s backoff cap: any scheduled retry would fire
@@ -52,6 +53,17 @@ def browser() -> Iterator[Browser]:
         )
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def chat_server(make_server: Callable[..., ServerProcess], redis_url: str) -> ServerProcess:
+    """`chatserver --workers 2` on Redis, dev sign-in, plain-http cookies, static/ at /."""
+    return make_server(workers=2, redis_url=redis_url, env={"CHAT_LOGIN_RATE": "1000"})
+
+
+@pytest.fixture
+def chat_url(chat_server: ServerProcess) -> str:
+    return chat_server.url
 
 
 @pytest.fixture
@@ -179,7 +191,7 @@ def test_two_users_chat_both_ways_and_markup_stays_text(make_page: PageFactory) 
 
 
 def test_worker_killed_page_reconnects_and_shows_missed_messages_once(
-    make_page: PageFactory, chat_server_pid: int
+    make_page: PageFactory, chat_server: ServerProcess
 ) -> None:
     """After SIGKILL of its worker a page shows "reconnecting", comes back, and shows each missed message once."""
     alice, bob = make_page(clock=True), make_page()
@@ -189,7 +201,7 @@ def test_worker_killed_page_reconnects_and_shows_missed_messages_once(
     expect(bob.locator("#messages .message")).to_have_count(1)
 
     pause_clock(alice)  # hold alice's retry timer until bob has sent while she is away
-    killed = kill_worker_of(alice, chat_server_pid)
+    killed = kill_worker_of(alice, chat_server.pid)
     status = alice.locator("#status")
     expect(status).to_have_attribute("data-state", "reconnecting")
     expect(status).to_contain_text(re.compile(r"reconnecting in \d+ s"))
@@ -214,7 +226,7 @@ def test_worker_killed_page_reconnects_and_shows_missed_messages_once(
 
 
 def test_refused_socket_shows_sign_in_and_never_retries(
-    make_page: PageFactory, chat_url: str, chat_server_pid: int
+    make_page: PageFactory, chat_url: str, chat_server: ServerProcess
 ) -> None:
     """A reconnect refused with 1008 shows the sign-in form and makes no further attempt."""
     page = make_page(clock=True)
@@ -226,7 +238,7 @@ def test_refused_socket_shows_sign_in_and_never_retries(
     page.context.add_cookies(
         [{"name": "authToken", "value": "garbage.not-a.jwt", "url": chat_url, "httpOnly": True}]
     )
-    kill_worker_of(page, chat_server_pid)  # the page must reconnect, now with the bad cookie
+    kill_worker_of(page, chat_server.pid)  # the page must reconnect, now with the bad cookie
 
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#login-error")).not_to_be_empty()

@@ -18,10 +18,8 @@ import os
 import random
 import shutil
 import signal
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -66,119 +64,94 @@ def id_key(message_id: str) -> tuple[int, int]:
 
 
 async def wait_until(predicate: Callable[[], bool], changed: asyncio.Condition,
-                     timeout: float, what: str) -> None:
+                     within: float, what: str) -> None:
     """Wait for `predicate`, re-checked whenever a client reports a change; bounded."""
     try:
-        async with asyncio.timeout(timeout * SCALE), changed:
+        async with asyncio.timeout(within * SCALE), changed:
             await changed.wait_for(predicate)
     except TimeoutError:
-        raise AssertionError(f"timed out after {timeout * SCALE:.0f}s waiting for {what}") from None
+        raise AssertionError(f"timed out after {within * SCALE:.0f}s waiting for {what}") from None
 
 
 # ----------------------------------------------------------------- processes
 
 
-class Process:
-    """A child process in its own session (so its workers can be reached by group)."""
+class Nginx:
+    """Debian's nginx in the foreground (daemon off, master on), paths under `runtime`."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path,
-                 log: Path) -> None:
-        self.name, self.argv, self.env, self.cwd, self.log = name, argv, env, cwd, log
+    def __init__(self, runtime: Path, conf: Path) -> None:
+        self.runtime, self.conf = runtime, conf
+        self.log = runtime / "nginx.log"
         self.proc: asyncio.subprocess.Process | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                NGINX, "-p", f"{self.runtime}/", "-c", str(self.conf),
+                "-e", str(self.runtime / "error.log"),
+                "-g", f"daemon off; master_process on; pid {self.runtime / 'nginx.pid'};",
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def start(self) -> None:
-        assert not self.running
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, cwd=self.cwd, stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=out, start_new_session=True,
-            )
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        async with asyncio.timeout(timeout * SCALE):
-            return await self.proc.wait()
-
-    def signal(self, signum: int) -> None:
-        """Signal the process we started (by its PID)."""
-        if self.running:
-            os.kill(self.pid, signum)
-
-    def kill_group(self) -> None:
-        """SIGKILL everything in the session we created (the PID's process group)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-
-    def group_alive(self) -> bool:
+    async def stop(self) -> None:
+        """SIGTERM (fast shutdown) to the master's PID; SIGKILL its group if it lingers."""
         if self.proc is None:
-            return False
+            return
         try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def descendants(self) -> set[int]:
-        """PIDs of the children (workers) of this process, from /proc."""
-        found: set[int] = set()
-        frontier = [self.pid]
-        for _ in range(4):  # supervisor -> workers; bounded depth
-            next_frontier = []
-            for pid in frontier:
-                with contextlib.suppress(OSError):
-                    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                    next_frontier += [int(c) for c in children]
-            found.update(next_frontier)
-            frontier = next_frontier
-        return found
-
-    async def stop(self, signum: int = signal.SIGTERM, timeout: float = GRACE + 5) -> None:
-        """Stop it: `signum` to the PID, then SIGKILL to its group if anything is left."""
-        try:
-            if self.running:
-                self.signal(signum)
+            if self.proc.returncode is None:
+                self.proc.send_signal(signal.SIGTERM)
                 with contextlib.suppress(TimeoutError):
-                    await self.wait(timeout)
+                    async with asyncio.timeout(5 * SCALE):
+                        await self.proc.wait()
         finally:
-            self.kill_group()
-            if self.proc is not None and self.proc.returncode is None:
-                with contextlib.suppress(TimeoutError):
-                    await self.wait(5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the session we created
+            async with asyncio.timeout(5 * SCALE):
+                await self.proc.wait()
 
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(text.splitlines()[-lines:])
+    def tail(self, lines: int = 20) -> str:
+        text = "".join(p.read_text(errors="replace") for p in (self.log, self.runtime / "error.log")
+                       if p.exists())
+        return "--- nginx ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
-async def poll_http(session: aiohttp.ClientSession, url: str, process: Process,
-                    timeout: float) -> None:
-    """GET `url` until 200; a process that exits meanwhile fails at once. Bounded."""
-    deadline = time.monotonic() + timeout * SCALE
-    last: object = None
-    for _ in range(10_000):
-        if not process.running:
-            raise AssertionError(f"{process.name} exited\n{process.tail()}")
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status == 200:
-                    return
-                last = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)  # nothing to await: the server gives no ready signal
-    raise AssertionError(f"{url} not ready after {timeout * SCALE:.0f}s: {last}\n{process.tail()}")
+def tail(server: ServerProcess, lines: int = 30) -> str:
+    return f"--- chatserver :{server.port} ---\n" + "\n".join(server.log().splitlines()[-lines:])
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs below `pid` (a replica's workers), from /proc; bounded depth."""
+    found: set[int] = set()
+    frontier = [pid]
+    for _ in range(3):
+        children: list[int] = []
+        for parent in frontier:
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+                children += [int(c) for c in text.split()]
+        found.update(children)
+        frontier = children
+    return found
+
+
+def group_alive(pid: int) -> bool:
+    """Is anything left in the session (process group) we started as `pid`?"""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def exit_code(server: ServerProcess, within: float) -> int:
+    """Wait (in a thread, the loop keeps serving the clients) for the replica to exit."""
+    assert server.proc is not None
+    return await asyncio.to_thread(server.proc.wait, within * SCALE)
 
 
 @dataclass
@@ -187,9 +160,8 @@ class Topology:
 
     redis_url: str
     prefix: str
-    replicas: list[Process]
-    replica_ports: list[int]
-    nginx: Process
+    replicas: list[ServerProcess]
+    nginx: Nginx
     base: str
     session: aiohttp.ClientSession
 
@@ -197,95 +169,88 @@ class Topology:
     def origin(self) -> str:
         return self.base
 
-    async def restart(self, index: int) -> None:
-        """Start replica `index` again on its port and wait for /readyz."""
-        replica = self.replicas[index]
-        await replica.start()
-        await poll_http(self.session, f"http://127.0.0.1:{self.replica_ports[index]}/readyz",
-                        replica, 20)
+    async def start(self, index: int) -> None:
+        """Start replica `index` on its port; return once every worker answers."""
+        await asyncio.to_thread(self.replicas[index].start)
 
     def replica_of(self, instance: str) -> int | None:
-        """Which replica a welcome frame's `instance` (host:pid) belongs to."""
+        """Which running replica a welcome frame's `instance` (host:pid) belongs to."""
         pid = int(instance.rsplit(":", 1)[1])
         for index, replica in enumerate(self.replicas):
-            if replica.running and pid in replica.descendants() | {replica.pid}:
+            if replica.proc is not None and replica.proc.poll() is None and (
+                pid == replica.pid or pid in descendants(replica.pid)
+            ):
                 return index
         return None
 
     def tails(self) -> str:
-        return "\n".join(p.tail() for p in [*self.replicas, self.nginx])
-
-
-def server_env(redis_url: str, prefix: str, origin: str, extra: dict[str, str]) -> dict[str, str]:
-    """The replicas' environment: ours, less any chatserver setting of the caller's shell."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CHAT_", "AWS_")) and k not in ("PORT", "REDIS_URL")}
-    env.update({
-        "REDIS_URL": redis_url,
-        "CHAT_REDIS_PREFIX": prefix,
-        "CHAT_ALLOWED_ORIGINS": origin,
-        "CHAT_COOKIE_SECURE": "0",  # plain http, as in compose
-        "CHAT_TRUSTED_PROXIES": "127.0.0.1",  # nginx's address, as the compose subnet there
-        "CHAT_GRACE": str(GRACE),
-        "CHAT_LOG_LEVEL": "INFO",
-        **extra,
-    })
-    return env
+        return "\n".join([*(tail(r) for r in self.replicas), self.nginx.tail()])
 
 
 @contextlib.asynccontextmanager
-async def topology(tmp_path: Path, redis_url: str, ports: Iterable[int], *, replicas: int,
-                   extra_env: dict[str, str] | None = None) -> AsyncIterator[Topology]:
-    """Start `replicas` chatservers (2 workers each) and nginx; stop them all by PID after."""
-    port_iter = iter(ports)
-    nginx_port = next(port_iter)
-    replica_ports = [next(port_iter) for _ in range(replicas)]
+async def topology(tmp_path: Path, redis_url: str, make_server: Callable[..., ServerProcess],
+                   *, replicas: int, env: dict[str, str]) -> AsyncIterator[Topology]:
+    """Start `replicas` chatservers (2 workers each) behind nginx; stop them all by PID after."""
+    nginx_port = free_port()
     base = f"http://127.0.0.1:{nginx_port}"
     prefix = f"topo-{uuid.uuid4().hex[:8]}:"
-    env = server_env(redis_url, prefix, base, extra_env or {})
-    tmp_path.chmod(0o755)  # nginx workers (nobody) write temp files below it
-
-    procs = [
-        Process(f"replica{i}", [CHATSERVER, "--host", "127.0.0.1", "--port", str(port),
-                                "--workers", "2", "--redis-url", redis_url],
-                env, tmp_path, tmp_path / f"replica{i}.log")
-        for i, port in enumerate(replica_ports)
-    ]
+    server_env = {
+        "CHAT_REDIS_PREFIX": prefix,
+        "CHAT_ALLOWED_ORIGINS": base,
+        "CHAT_COOKIE_SECURE": "0",  # plain http, as in compose
+        "CHAT_TRUSTED_PROXIES": "127.0.0.1",  # nginx's address (compose: its subnet)
+        "CHAT_GRACE": str(GRACE),
+        **env,
+    }
+    servers = [make_server(workers=2, redis_url=redis_url, env=server_env, start=False)
+               for _ in range(replicas)]
     runtime = tmp_path / "nginx"
-    runtime.mkdir(mode=0o755)
+    runtime.mkdir()
+    for path in (tmp_path, runtime):  # nginx's workers run as nobody and write temp files here
+        path.chmod(0o755)
     conf = runtime / "nginx.conf"
     conf.write_text(render_nginx.render(
         (ROOT / "deploy" / "nginx.conf").read_text(),
         listen=f"127.0.0.1:{nginx_port}",
-        servers=[f"127.0.0.1:{port}" for port in replica_ports],
+        servers=[f"127.0.0.1:{server.port}" for server in servers],
         runtime_dir=runtime,
     ))
-    nginx = Process(
-        "nginx",
-        [NGINX, "-p", f"{runtime}/", "-c", str(conf), "-e", str(runtime / "error.log"),
-         "-g", f"daemon off; master_process on; pid {runtime / 'nginx.pid'};"],
-        dict(os.environ), runtime, tmp_path / "nginx.log",
-    )
-    connector = aiohttp.TCPConnector(limit=0)
-    session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-    topo = Topology(redis_url, prefix, procs, replica_ports, nginx, base, session)
+    nginx = Nginx(runtime, conf)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    cookie_jar=aiohttp.DummyCookieJar())
+    topo = Topology(redis_url, prefix, servers, nginx, base, session)
     try:
-        for proc in procs:
-            await proc.start()
+        await asyncio.gather(*(topo.start(i) for i in range(replicas)))
         await nginx.start()
-        for index in range(replicas):
-            await poll_http(session, f"http://127.0.0.1:{replica_ports[index]}/readyz",
-                            procs[index], 20)
-        await poll_http(session, f"{base}/healthz", nginx, 10)
+        await poll_healthz(session, base, nginx)
         yield topo
     except BaseException:
         print(topo.tails())
         raise
     finally:
         try:
-            await asyncio.gather(*(p.stop() for p in [nginx, *procs]))
+            await nginx.stop()
         finally:
+            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
             await session.close()
+
+
+async def poll_healthz(session: aiohttp.ClientSession, base: str, nginx: Nginx) -> None:
+    """GET /healthz through nginx until 200 (nginx gives no ready signal); bounded."""
+    last: object = None
+    for _ in range(int(100 * SCALE)):
+        if not nginx.running:
+            raise AssertionError(f"nginx exited\n{nginx.tail()}")
+        try:
+            async with session.get(f"{base}/healthz",
+                                   timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+                last = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = exc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nginx not serving /healthz: {last}\n{nginx.tail()}")
 
 
 # -------------------------------------------------------------------- client
@@ -304,7 +269,7 @@ class RoomLog:
 
 
 class ChatClient:
-    """A resuming chat client: reconnects on retryable closes, replays each room from its last id."""
+    """A resuming client: reconnects on retryable closes, replays each room from its last id."""
 
     def __init__(self, topo: Topology, username: str, rooms: list[str],
                  changed: asyncio.Condition) -> None:
@@ -490,12 +455,6 @@ async def sender(client: ChatClient, stop: asyncio.Event, room_every: float,
 # --------------------------------------------------------------------- tests
 
 
-@pytest.fixture
-def ports(free_port: Callable[[], int]) -> Iterable[int]:
-    """A supply of free local ports."""
-    return iter(lambda: free_port(), None)
-
-
 async def start_clients(topo: Topology, count: int, groups: int,
                         changed: asyncio.Condition,
                         stop: asyncio.Event) -> tuple[list[ChatClient], list[asyncio.Task[None]]]:
@@ -536,7 +495,8 @@ async def stream_ids(topo: Topology, room: str) -> list[str] | None:
         key = f"{topo.prefix}history:{room}"
         if await client.type(key) != b"stream":
             return None
-        return [entry_id.decode() for entry_id, _ in await client.xrange(key)]
+        entries = await client.xrange(key)
+        return [e.decode() if isinstance(e, bytes) else str(e) for e, _ in entries or []]
     finally:
         await client.aclose()
 
@@ -582,12 +542,12 @@ async def check_everything_held(topo: Topology, clients: list[ChatClient],
 
 
 async def test_clients_spread_over_replicas_and_hear_each_other(
-    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+    tmp_path: Path, redis_url: str, make_server: Callable[..., ServerProcess]
 ) -> None:
     """Through nginx, clients land on several replicas and all receive each other's messages."""
     changed, stop = asyncio.Condition(), asyncio.Event()
-    async with topology(tmp_path, redis_server.url, ports, replicas=3,
-                        extra_env={"CHAT_LOGIN_RATE": "1000"}) as topo:
+    async with topology(tmp_path, redis_url, make_server, replicas=3,
+                        env={"CHAT_LOGIN_RATE": "1000"}) as topo:
         clients, tasks = await start_clients(topo, 12, 1, changed, stop)
         try:
             replicas = {topo.replica_of(c.instances[-1]) for c in clients}
@@ -606,13 +566,12 @@ async def test_clients_spread_over_replicas_and_hear_each_other(
 
 
 async def test_rolling_restart_and_crash_lose_nothing(
-    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+    tmp_path: Path, redis_url: str, make_server: Callable[..., ServerProcess]
 ) -> None:
     """60 clients under load through a SIGTERM rolling restart and a SIGKILL: all held once."""
     changed, stop, stop_sending = asyncio.Condition(), asyncio.Event(), asyncio.Event()
-    async with topology(tmp_path, redis_server.url, ports, replicas=3,
-                        extra_env={"CHAT_LOGIN_RATE": "1000",
-                                   "CHAT_HISTORY_MAXLEN": "100000"}) as topo:
+    async with topology(tmp_path, redis_url, make_server, replicas=3,
+                        env={"CHAT_LOGIN_RATE": "1000", "CHAT_HISTORY_MAXLEN": "100000"}) as topo:
         clients, tasks = await start_clients(topo, 60, 6, changed, stop)
         senders: list[asyncio.Task[None]] = []
         try:
@@ -625,10 +584,10 @@ async def test_rolling_restart_and_crash_lose_nothing(
             for index, replica in enumerate(topo.replicas):  # rolling restart
                 on_it = [c for c in clients if topo.replica_of(c.instances[-1]) == index]
                 replica.signal(signal.SIGTERM)
-                code = await replica.wait(GRACE + 5)
-                assert code == 0, f"replica{index} exited {code} on SIGTERM\n{replica.tail()}"
-                assert not replica.group_alive(), f"replica{index} left workers behind"
-                await topo.restart(index)
+                code = await exit_code(replica, GRACE + 5)
+                assert code == 0, f"replica{index} exited {code} on SIGTERM\n{tail(replica)}"
+                assert not group_alive(replica.pid), f"replica{index} left workers behind"
+                await topo.start(index)
                 await wait_until(lambda: all_ready(clients), changed, 15,
                                  f"clients of replica{index} ({len(on_it)}) to come back")
 
@@ -638,13 +597,13 @@ async def test_rolling_restart_and_crash_lose_nothing(
             victim = counts.index(max(counts))
             victims = [c for c in clients if topo.replica_of(c.instances[-1]) == victim]
             assert victims
-            topo.replicas[victim].kill_group()
-            assert await topo.replicas[victim].wait(5) == -signal.SIGKILL
+            os.killpg(topo.replicas[victim].pid, signal.SIGKILL)  # its session: workers too
+            assert await exit_code(topo.replicas[victim], 5) == -signal.SIGKILL
             await wait_until(
                 lambda: all(c.ready and topo.replica_of(c.instances[-1]) not in (None, victim)
                             for c in victims) and all_ready(clients),
                 changed, 15, "the crashed replica's clients to move to the others")
-            await topo.restart(victim)
+            await topo.start(victim)
 
             with contextlib.suppress(TimeoutError):  # a little more load after the crash
                 async with asyncio.timeout(1.0):
@@ -669,12 +628,12 @@ async def test_rolling_restart_and_crash_lose_nothing(
 
 
 async def test_forwarded_for_cannot_be_spoofed_through_nginx(
-    tmp_path: Path, redis_server: Any, ports: Iterable[int]
+    tmp_path: Path, redis_url: str, make_server: Callable[..., ServerProcess]
 ) -> None:
     """nginx overwrites X-Forwarded-For, so a client cannot dodge the per-IP sign-in limit."""
     rate = 3
-    async with topology(tmp_path, redis_server.url, ports, replicas=1,
-                        extra_env={"CHAT_LOGIN_RATE": str(rate)}) as topo:
+    async with topology(tmp_path, redis_url, make_server, replicas=1,
+                        env={"CHAT_LOGIN_RATE": str(rate)}) as topo:
 
         async def login(base: str, n: int, forwarded: str) -> int:
             async with topo.session.post(
@@ -687,6 +646,6 @@ async def test_forwarded_for_cannot_be_spoofed_through_nginx(
         through_nginx = [await login(topo.base, n, f"203.0.113.{n}") for n in range(2 * rate + 1)]
         assert 429 in through_nginx, through_nginx
         # The replica itself believes its trusted proxy (127.0.0.1): distinct hops, no limit.
-        direct = f"http://127.0.0.1:{topo.replica_ports[0]}"
+        direct = topo.replicas[0].url
         straight = [await login(direct, 100 + n, f"198.51.100.{n}") for n in range(2 * rate + 1)]
         assert straight == [200] * len(straight)

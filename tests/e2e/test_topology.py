@@ -263,7 +263,12 @@ class RoomLog:
     last_id: str | None = None
     epoch: str | None = None
     ids: set[str] = field(default_factory=set)
-    duplicates: list[str] = field(default_factory=list)
+    # id -> (connection number, joined yet?) of its first delivery: says where a duplicate
+    # came from (the same connection: the server sent it twice; a later one: the resume).
+    first_seen: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    live: bool = False  # the current connection has joined or recovered this room
+    duplicates: list[tuple[str, tuple[int, bool], tuple[int, bool]]] = field(
+        default_factory=list)
     out_of_order: list[tuple[str, str]] = field(default_factory=list)
     incomplete: int = 0
 
@@ -378,6 +383,8 @@ class ChatClient:
         finally:
             self.ready = False
             self.ws = None
+            for log in self.rooms.values():
+                log.live = False
             code = ws.close_code if ws.close_code is not None else "no close"
             self.closes.append(code)
             if code in TERMINAL_CLOSES:
@@ -398,15 +405,18 @@ class ChatClient:
         if frame["type"] == "recovered" and not frame["complete"]:
             log.incomplete += 1
         log.epoch = frame["epoch"]
+        log.live = True
 
     def _message(self, frame: dict[str, Any]) -> None:
         log = self.rooms.get(frame["room"])
         if log is None:
             return
         message_id = frame["id"]
+        seen = (self.connections, log.live)
         if message_id in log.ids:
-            log.duplicates.append(message_id)
+            log.duplicates.append((message_id, log.first_seen[message_id], seen))
             return
+        log.first_seen[message_id] = seen
         if log.last_id is not None and id_key(message_id) < id_key(log.last_id):
             log.out_of_order.append((log.last_id, message_id))
         log.ids.add(message_id)

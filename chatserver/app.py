@@ -77,7 +77,7 @@ def _services(settings: Settings, given: Broker | None, metrics: Metrics, instan
     async def services(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession()
         broker = given or _make_broker(settings, instance, metrics)
-        hub = Hub(on_delivered=metrics.messages_out.inc)
+        hub = Hub(position=broker.position, on_delivered=metrics.messages_out.inc)
         broker.on_room = hub.deliver_room
         broker.on_user = hub.deliver_user
         await broker.start()

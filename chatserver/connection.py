@@ -49,6 +49,7 @@ class Connection:
     """State of one WebSocket; only its handler task reads from it, anyone may write."""
 
     __slots__ = (
+        "_backlog_limit",
         "bucket",
         "close_code",
         "close_reason",
@@ -61,7 +62,6 @@ class Connection:
         "transport",
         "user",
         "ws",
-        "_backlog_limit",
     )
 
     def __init__(

@@ -19,18 +19,27 @@ MAX_REPLAY_BUFFER = 10000  # live payloads held for one resuming connection
 
 
 class Room:
-    __slots__ = ("members", "name", "queue", "replaying", "users")
+    __slots__ = ("members", "name", "queue", "replaying", "users", "watermarks")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: set[Connection] = set()
         self.replaying: dict[Connection, list[bytes]] = {}
+        # Resumed connections whose replay read further than this worker's live stream has
+        # delivered yet: they stay buffered until the live position reaches their mark.
+        self.watermarks: dict[Connection, tuple[int, int]] = {}
         self.queue: list[bytes] = []
         self.users: dict[str, int] = {}  # sub -> local connections in this room
 
 
 class Hub:
-    def __init__(self, *, on_delivered: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        position: Callable[[str], tuple[int, int] | None] = lambda room: None,
+        on_delivered: Callable[[int], None] | None = None,
+    ) -> None:
+        self._position = position  # the broker's last delivered id per room
         self.rooms: dict[str, Room] = {}
         self.users: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
@@ -63,6 +72,25 @@ class Hub:
         for conn in room.members:
             conn.write(blob)
         self._on_delivered(len(frames) * len(room.members))
+        if room.watermarks:
+            self._promote_caught_up(room)
+
+    def _promote_caught_up(self, room: Room) -> None:
+        live = self._position(room.name)
+        if live is None:
+            return
+        for conn, mark in list(room.watermarks.items()):
+            if live >= mark:
+                del room.watermarks[conn]
+                self._promote(room, conn, mark)
+
+    def _promote(self, room: Room, conn: Connection, after: tuple[int, int]) -> None:
+        """Write the held payloads newer than `after`, then make conn a live member."""
+        for payload in room.replaying.pop(conn, []):
+            message_id = message_id_of(payload)
+            if message_id is None or parse_id(message_id) > after:
+                conn.write(text_frame(payload))
+        room.members.add(conn)
 
     def flush(self, room_name: str) -> None:
         """Write what is queued before membership changes, so it goes to whom it was for."""
@@ -146,16 +174,16 @@ class Hub:
         return count == 1
 
     def finish_replay(self, conn: Connection, name: str, last_id: str | None) -> None:
-        """Write the held payloads newer than the replay's last id, then go live."""
+        """After the replay up to `last_id`: go live once this worker's live stream has
+        delivered that far (a replay can read past it, e.g. right after a Redis blip)."""
         room = self.rooms[name]
         self._flush(room)
-        held = room.replaying.pop(conn, [])
-        after = parse_id(last_id) if last_id else (-1, -1)
-        for payload in held:
-            message_id = message_id_of(payload)
-            if message_id is None or parse_id(message_id) > after:
-                conn.write(text_frame(payload))
-        room.members.add(conn)
+        mark = parse_id(last_id) if last_id else (-1, -1)
+        live = self._position(name)
+        if last_id is None or (live is not None and live >= mark):
+            self._promote(room, conn, mark)
+        else:
+            room.watermarks[conn] = mark
 
     def remove(self, conn: Connection, name: str) -> bool:
         """Take conn out of a room; True when its user has no connection left in it."""
@@ -164,6 +192,7 @@ class Hub:
         if room is None:
             return False
         self._flush(room)
+        room.watermarks.pop(conn, None)
         if conn in room.members:
             room.members.discard(conn)
         elif room.replaying.pop(conn, None) is None:

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import (
-    disable_created_metrics,
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )

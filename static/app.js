@@ -33,6 +33,7 @@ let rooms = new Map();
 let current = LOBBY;
 let countdownTimer = null;
 let signingOut = false;
+const unacked = new Map();   // publish ref -> text, to give the text back if it is refused
 
 function newRoomView() {
   return { joined: false, messages: [], unread: 0, members: new Map() };
@@ -41,6 +42,7 @@ function newRoomView() {
 function resetRooms() {
   rooms = new Map([[LOBBY, newRoomView()]]);
   current = LOBBY;
+  unacked.clear();
 }
 
 // ---- views ------------------------------------------------------------------------------
@@ -274,7 +276,10 @@ function setComposerError(text) {
 
 socket.addEventListener("status", ({ detail }) => {
   renderStatus(detail);
-  if (detail.state !== "connected") for (const view of rooms.values()) view.joined = false;
+  if (detail.state !== "connected") {
+    for (const view of rooms.values()) view.joined = false;
+    unacked.clear();           // in flight when the socket dropped: fate unknown
+  }
   if (detail.state === "signed-out" && auth.user) {
     auth.signedOut();
     resetRooms();
@@ -323,11 +328,18 @@ socket.addEventListener("presence", ({ detail }) => {
 
 socket.addEventListener("error", ({ detail }) => {
   const text = detail.detail || detail.code || "error";
-  if (detail.ref) setComposerError(`Not sent: ${text}`);
-  else addItem(current, { note: `Server: ${text}`, kind: "error" });
+  if (!detail.ref) return addItem(current, { note: `Server: ${text}`, kind: "error" });
+  setComposerError(`Not sent: ${text}`);
+  const refused = unacked.get(detail.ref);
+  unacked.delete(detail.ref);
+  if (refused && !el.messageInput.value) el.messageInput.value = refused;
+  return undefined;
 });
 
-socket.addEventListener("ack", () => setComposerError(""));
+socket.addEventListener("ack", ({ detail }) => {
+  unacked.delete(detail.ref);
+  setComposerError("");
+});
 
 function sessionEndedText(reason) {
   if (!reason || reason === "signed out") return "You were signed out. Please sign in again.";
@@ -388,11 +400,18 @@ el.joinForm.addEventListener("submit", (ev) => {
   joinRoom(name);
 });
 
+el.roomInput.addEventListener("input", () => {
+  el.joinError.textContent = "";
+  el.roomInput.removeAttribute("aria-invalid");
+});
+
 el.composer.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = el.messageInput.value;
   if (!text.trim()) return;
-  if (socket.publish(current, text)) {
+  const ref = socket.publish(current, text);
+  if (ref) {
+    unacked.set(ref, text);
     el.messageInput.value = "";
     setComposerError("");
   } else {

@@ -42,16 +42,24 @@ export class Auth extends EventTarget {
     if (changed) this.dispatchEvent(new CustomEvent("change", { detail: { user } }));
   }
 
-  /** GET /auth/me: resolves to the user or null; rejects only when the server is unreachable. */
+  /**
+   * GET /auth/me, and on 401 one POST /auth/refresh (the access cookie lapses long before
+   * the refresh cookie). Resolves to the user or null; rejects only when unreachable.
+   */
   async load() {
+    this.setUser(await this.me());
+    return this.user;
+  }
+
+  async me() {
     try {
-      const { user } = await call("GET", "/auth/me");
-      this.setUser(user);
+      return (await call("GET", "/auth/me")).user;
     } catch (err) {
       if (!(err instanceof AuthError) || err.status !== 401) throw err;
-      this.setUser(null);
     }
-    return this.user;
+    const result = await this.refresh();
+    if (result === "unavailable") throw new AuthError(503, "unavailable", "cannot refresh now");
+    return result === "ok" ? this.user : null;
   }
 
   /** POST /auth/login; rejects with AuthError (detail is shown to the user). */
@@ -70,25 +78,23 @@ export class Auth extends EventTarget {
   /** Forget the user locally (the server refused the session). */
   signedOut() { this.setUser(null); }
 
-  /** For the socket: "ok", "signed-out" (401), "error" (other answer) or "offline" (none). */
+  /** For the socket: "ok", "signed-out" (401 and no refresh), "error" (other answer) or "offline". */
   async checkSession() {
     try {
-      await call("GET", "/auth/me");
-      return "ok";
+      return (await this.me()) ? "ok" : "signed-out";
     } catch (err) {
-      if (!(err instanceof AuthError)) return "offline";
-      return err.status === 401 ? "signed-out" : "error";
+      return err instanceof AuthError ? "error" : "offline";
     }
   }
 
-  /** For the socket after 4001: true when the refresh cookie bought a new token. */
+  /** POST /auth/refresh: "ok", "refused" (sign in again) or "unavailable" (try later). */
   async refresh() {
     try {
       const { user } = await call("POST", "/auth/refresh");
-      if (user) this.user = user;
-      return true;
-    } catch {
-      return false;
+      if (user) this.setUser(user);
+      return "ok";
+    } catch (err) {
+      return err instanceof AuthError && err.status < 500 ? "refused" : "unavailable";
     }
   }
 }

@@ -40,7 +40,7 @@ export function fullJitter(attempt, base, cap) {
  *   joined / left / presence / members / ack / error / direct: the server frame as is
  *
  * checkSession() resolves to "ok", "signed-out", "error" or "offline" (GET /auth/me);
- * refresh() resolves to true when POST /auth/refresh gave a new token.
+ * refresh() resolves to "ok", "refused" or "unavailable" (POST /auth/refresh).
  */
 export class ChatSocket extends EventTarget {
   constructor({ checkSession, refresh, url = defaultUrl(), base = 1000, cap = 30000,
@@ -58,6 +58,7 @@ export class ChatSocket extends EventTarget {
     this.running = false;      // true between start() and stop()/terminal close
     this.attempt = 0;          // backoff exponent; reset once a connection proved stable
     this.refreshed = false;    // one refresh per 4001 until a connection proves stable
+    this.mustRefresh = false;  // a 4001 wants a new access token before the next connect
     this.retryTimer = null;
     this.stableTimer = null;
     this.instance = null;
@@ -78,7 +79,7 @@ export class ChatSocket extends EventTarget {
     if (this.running) return;
     this.running = true;
     this.attempt = 0;
-    this.refreshed = false;
+    this.refreshed = this.mustRefresh = false;
     window.addEventListener("online", this.onOnline);
     window.addEventListener("offline", this.onOffline);
     this.connect();
@@ -100,9 +101,9 @@ export class ChatSocket extends EventTarget {
 
   /** Reconnect at once if waiting for a retry (browser back online, user asked). */
   reconnectNow() {
-    if (!this.running || this.ws) return;
+    if (!this.running || this.ws || !this.retryTimer) return;
     this.clearTimers();
-    this.connect();
+    this.resume();
   }
 
   get connected() { return this.state === "connected"; }
@@ -172,10 +173,8 @@ export class ChatSocket extends EventTarget {
     if (code === CLOSE.TOKEN_EXPIRED) {
       if (this.refreshed) return this.stop("signed-out", "session expired");
       this.refreshed = true;
-      this.setState("reconnecting");
-      const ok = await this.refresh().catch(() => false);
-      if (!this.running || this.ws) return;
-      return ok ? this.connect() : this.stop("signed-out", "session expired");
+      this.mustRefresh = true;
+      return this.resume();
     }
     if (!opened) {
       // Refused before the upgrade: signed out (401) or the network/server is down?
@@ -189,6 +188,18 @@ export class ChatSocket extends EventTarget {
     this.scheduleRetry("reconnecting", code === CLOSE.TRY_AGAIN);
   }
 
+  /** Reconnect now, refreshing the access token first when a 4001 asked for it. */
+  async resume() {
+    if (!this.mustRefresh) return this.connect();
+    this.setState("reconnecting");
+    const result = await this.refresh();
+    if (!this.running || this.ws) return undefined;
+    if (result === "refused") return this.stop("signed-out", "session expired");
+    if (result !== "ok") return this.scheduleRetry("reconnecting");   // try the refresh again
+    this.mustRefresh = false;
+    return this.connect();
+  }
+
   scheduleRetry(state, tryAgainLater = false) {
     if (!navigator.onLine) state = "offline";
     const base = tryAgainLater ? this.tryAgainBase : this.base;
@@ -196,7 +207,7 @@ export class ChatSocket extends EventTarget {
     const delay = Math.min(this.cap, floor + fullJitter(this.attempt, base, this.cap));
     this.attempt += 1;
     this.retryAt = Date.now() + delay;
-    this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delay);
+    this.retryTimer = setTimeout(() => { this.retryTimer = null; this.resume(); }, delay);
     this.setState(state, { retryAt: this.retryAt });
   }
 

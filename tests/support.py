@@ -64,6 +64,7 @@ class RedisServer:
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more redis-server options, after the defaults
 
     @property
     def url(self) -> str:
@@ -75,7 +76,8 @@ class RedisServer:
             pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(self.ping, 10, f"redis-server on port {self.port}")

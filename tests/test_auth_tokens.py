@@ -14,7 +14,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.cognito_keys import JwksServer, SigningKey, cognito_env
-from tests.support import ServerProcess, close_frame, cookie_session, of_type, open_ws, receive_until
+from tests.support import (
+    ServerProcess,
+    close_frame,
+    cookie_session,
+    of_type,
+    open_ws,
+    receive_until,
+)
 
 KEY = SigningKey()
 OTHER = SigningKey()  # same kid, a key the pool never published

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
@@ -26,11 +27,18 @@ from tests.support import (
 )
 
 
+class Placed(NamedTuple):
+    ws: aiohttp.ClientWebSocketResponse
+    instance: str
+    sub: str
+    session: aiohttp.ClientSession
+
+
 async def connect_on_distinct_instances(
     server: ServerProcess, sessions: list[aiohttp.ClientSession], count: int = 2
-) -> list[tuple[aiohttp.ClientWebSocketResponse, str]]:
-    """Open sockets until `count` of them sit on different workers (kernel hashing)."""
-    found: dict[str, aiohttp.ClientWebSocketResponse] = {}
+) -> list[Placed]:
+    """Open sockets, one user each, until `count` sit on different workers (kernel hashing)."""
+    found: dict[str, Placed] = {}
     for attempt in range(60):
         session = await sign_in(server, f"user{attempt}")
         sessions.append(session)
@@ -40,9 +48,10 @@ async def connect_on_distinct_instances(
         if welcome["instance"] in found:
             await ws.close()
             continue
-        found[welcome["instance"]] = ws
+        found[welcome["instance"]] = Placed(ws, welcome["instance"], welcome["user"]["sub"],
+                                            session)
         if len(found) == count:
-            return [(ws, instance) for instance, ws in found.items()]
+            return list(found.values())
     raise AssertionError(f"only {len(found)} distinct workers after 60 connections")
 
 
@@ -50,7 +59,7 @@ async def test_cross_worker_broadcast(make_server: Callable[..., ServerProcess],
                                       sessions: list[aiohttp.ClientSession]) -> None:
     """Clients on two different workers each receive each other's messages."""
     server = make_server(workers=2, redis_url=redis_url)
-    (a, inst_a), (b, inst_b) = await connect_on_distinct_instances(server, sessions)
+    (a, inst_a, *_), (b, inst_b, *_) = await connect_on_distinct_instances(server, sessions)
     assert inst_a != inst_b
     await a.send_json({"message": "from a"})
     await b.send_json({"message": "from b"})
@@ -103,7 +112,7 @@ async def test_sigterm_closes_every_socket_1001(make_server: Callable[..., Serve
                                                sessions: list[aiohttp.ClientSession]) -> None:
     """SIGTERM: every client on every worker gets 1001 and the command exits in the grace period."""
     server = make_server(workers=2, redis_url=redis_url, env={"CHAT_GRACE": "5"})
-    sockets = [ws for ws, _ in await connect_on_distinct_instances(server, sessions)]
+    sockets = [placed.ws for placed in await connect_on_distinct_instances(server, sessions)]
     started = time.monotonic()
     server.signal(signal.SIGTERM)
     codes = await asyncio.gather(*(close_frame(ws) for ws in sockets))
@@ -119,7 +128,7 @@ async def test_killed_worker_is_restarted(make_server: Callable[..., ServerProce
                                           sessions: list[aiohttp.ClientSession]) -> None:
     """A worker that dies is replaced; the others keep their clients meanwhile."""
     server = make_server(workers=2, redis_url=redis_url)
-    (a, inst_a), (b, inst_b) = await connect_on_distinct_instances(server, sessions)
+    (a, inst_a, *_), (b, inst_b, *_) = await connect_on_distinct_instances(server, sessions)
     os.kill(int(inst_a.rsplit(":", 1)[1]), signal.SIGKILL)
     code, _ = await close_frame(a)
     assert code != 1000

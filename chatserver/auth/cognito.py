@@ -6,7 +6,6 @@ a timeout. Secrets, passwords and tokens never reach a log.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -94,7 +93,7 @@ class CognitoClient:
             ) as response:
                 status = response.status
                 text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             raise CognitoUnavailable("Cognito unreachable or slow") from None
         if status >= 500:
             raise CognitoUnavailable(f"Cognito answered {status}")

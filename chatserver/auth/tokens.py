@@ -183,7 +183,7 @@ class TokenVerifier:
         try:
             document = await self._fetch_jwks()
             keys = parse_jwks(document)
-        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             if self._keys:
                 # Keep serving the keys we have; the kid stays unknown this round.
                 return

@@ -84,6 +84,10 @@ class Broker(abc.ABC):
     async def unsubscribe_user(self, sub: str) -> None: ...
 
     @abc.abstractmethod
+    def position(self, room: str) -> tuple[int, int] | None:
+        """The last message id this worker has handed to on_room for a subscribed room."""
+
+    @abc.abstractmethod
     async def epoch(self, room: str) -> str:
         """The room's history epoch, made on first use."""
 

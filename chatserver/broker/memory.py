@@ -85,6 +85,10 @@ class MemoryBroker(Broker):
     async def unsubscribe_user(self, sub: str) -> None:
         self._users.discard(sub)
 
+    def position(self, room: str) -> tuple[int, int] | None:
+        stream = self._streams.get(room)
+        return stream.last if stream is not None else None
+
     async def epoch(self, room: str) -> str:
         return self._stream(room).epoch
 

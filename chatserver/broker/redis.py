@@ -206,7 +206,7 @@ class RedisBroker(Broker):
         while not self._closing:
             try:
                 await self._listen_once()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 if self._connected:
                     log.warning("redis pub/sub connection lost: %s", type(exc).__name__)
                 self._on_reconnect()
@@ -302,7 +302,7 @@ class RedisBroker(Broker):
     async def _call(self, what: str, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis {what} failed: {type(exc).__name__}") from None
 
     async def publish(self, room: str, tail: bytes) -> str:
@@ -341,6 +341,9 @@ class RedisBroker(Broker):
         if sub in self._users:
             self._users.discard(sub)
             await self._send_subscription(False, self._user_channel(sub))
+
+    def position(self, room: str) -> tuple[int, int] | None:
+        return self._rooms.get(room)
 
     async def epoch(self, room: str) -> str:
         key = self._epoch_key(room)
@@ -423,7 +426,7 @@ class RedisBroker(Broker):
             await asyncio.sleep(self._presence_ttl / 3)
             try:
                 await self._refresh_once()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 log.debug("presence refresh failed: %s", type(exc).__name__)
 
     async def _refresh_once(self) -> None:
@@ -449,7 +452,7 @@ class RedisBroker(Broker):
                 for room, here in self._present.items():
                     pipe.zrem(self._presence_key(room), *(self._member_key(m) for m in here))
                 await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             pass
         self._present.clear()
 

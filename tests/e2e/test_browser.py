@@ -66,6 +66,9 @@ def chat_url(chat_server: ServerProcess) -> str:
     return chat_server.url
 
 
+SHORT_TOKEN_TTL = 10  # the server's minimum CHAT_DEV_TOKEN_TTL
+
+
 @pytest.fixture
 def make_page(browser: Browser, chat_url: str) -> Iterator[PageFactory]:
     """Factory: a page in a fresh context (its own cookies), watched for CSP and dialogs."""
@@ -120,6 +123,16 @@ def send(page: Page, text: str) -> None:
     page.fill("#message-input", text)
     page.press("#message-input", "Enter")
     expect(page.locator("#messages .message .text").last).to_have_text(text)
+
+
+def join(page: Page, room: str) -> None:
+    """Join a room through the form and wait until the server confirmed it."""
+    page.fill("#room-input", room)
+    page.press("#room-input", "Enter")
+    expect(page.locator(f"#rooms [data-room='{room}'] .room-select")).to_have_attribute(
+        "aria-current", "true"
+    )
+    expect(page.locator(f"#rooms [data-room='{room}'] .room-pending")).to_have_count(0)
 
 
 def message_ids(page: Page) -> list[str]:
@@ -276,21 +289,71 @@ def test_logout_closes_socket_and_shows_sign_in(make_page: PageFactory) -> None:
     assert attempts == []
 
 
+def test_lapsed_access_cookie_is_refreshed_on_page_load(make_page: PageFactory) -> None:
+    """A reload without the access cookie signs in silently with the refresh cookie."""
+    page = make_page()
+    sign_in(page, "grace")
+    page.context.clear_cookies(name="authToken")
+    refreshes: list[str] = []
+    page.on("request", lambda r: refreshes.append(r.url) if r.url.endswith("/auth/refresh") else None)
+
+    page.reload()
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    expect(page.locator("#login-form")).to_be_hidden()
+    expect(page.locator("#me")).to_have_text("grace")
+    assert len(refreshes) == 1
+
+
+def test_expired_token_close_refreshes_and_reconnects(
+    browser: Browser, make_server: Callable[..., ServerProcess], redis_url: str
+) -> None:
+    """A socket closed 4001 at token expiry refreshes once and reconnects without sign-in."""
+    server = make_server(workers=2, redis_url=redis_url,
+                         env={"CHAT_DEV_TOKEN_TTL": str(SHORT_TOKEN_TTL)})
+    context = browser.new_context(base_url=server.url)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        socket = sign_in(page, "heidi")
+        refreshes: list[str] = []
+        page.on("request",
+                lambda r: refreshes.append(r.url) if r.url.endswith("/auth/refresh") else None)
+        expiry_ms = scaled(SHORT_TOKEN_TTL + 20) * 1000  # token lifetime + leeway + margin
+        with page.expect_websocket(timeout=expiry_ms) as reopened:
+            socket.wait_for_event("close", timeout=expiry_ms)
+        expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        expect(page.locator("#status")).to_have_attribute("data-last-close", "4001")
+        expect(page.locator("#login-form")).to_be_hidden()
+        assert not reopened.value.is_closed()
+        assert len(refreshes) == 1
+        send(page, "still here after the refresh")
+    finally:
+        context.close()
+
+
 def test_screenshot_of_chat_page(make_page: PageFactory) -> None:
-    """Saves tests/output/chat.png: a short conversation, two people online, connected."""
-    alice, bob = make_page(width=1200, height=720), make_page()
-    sign_in(alice, "alice")
-    sign_in(bob, "bob")
+    """Saves tests/output/chat.png: a short conversation, three people online, connected."""
+    alice, bob, carol = make_page(width=1200, height=680), make_page(), make_page()
+    for page, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        sign_in(page, name)
+    for page in (alice, bob):
+        join(page, "deploys")
+        page.locator("#rooms [data-room=lobby] .room-select").click()
     send(alice, "Morning! Is the 2.4 rollout still on for today?")
     send(bob, "Yes. Canary is green on both replicas, starting the rest at 11.")
+    send(carol, "Load test from last night: p99 fan-out 38 ms at 20k sockets.")
     send(alice, "Great, I'll watch the dashboards. Ping me if Redis latency moves.")
-    expect(alice.locator("#messages .message")).to_have_count(3)
-    expect(alice.locator("#presence li")).to_have_count(2)
+    bob.locator("#rooms [data-room=deploys] .room-select").click()
+    send(bob, "2.4.0 canary: 0 errors in 15 min")
+
+    expect(alice.locator("#messages .message")).to_have_count(4)
+    expect(alice.locator("#rooms [data-room=deploys] .room-unread")).to_have_text("1")
+    expect(alice.locator("#presence li")).to_have_count(3)
     expect(alice.locator("#status")).to_have_text("connected")
     alice.locator("#message-input").blur()
 
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    alice.screenshot(path=str(OUTPUT / "chat.png"))
+    alice.screenshot(path=str(OUTPUT / "chat.png"), animations="disabled")
     alice.set_viewport_size({"width": 390, "height": 760})
-    alice.screenshot(path=str(OUTPUT / "chat-phone.png"))
+    alice.screenshot(path=str(OUTPUT / "chat-phone.png"), animations="disabled")
     assert (OUTPUT / "chat.png").stat().st_size > 10_000

@@ -183,6 +183,10 @@ def test_nginx_proxies_websockets(chat_env: dict[str, str], nginx_conf: str) -> 
     assert headers["host"] == ["$http_host"], "Origin checks need the port kept"
     upstream = re.search(r"upstream\s+chatserver\s*\{([^}]*)\}", nginx_conf)
     assert upstream is not None and directive(upstream.group(1), "least_conn") == [[]]
+    # Passive "down" marks clear only when a request to the server ends, and proxied
+    # WebSockets do not end: with max_fails > 0 a rolling restart starves the upstream.
+    for args in directive(upstream.group(1), "server"):
+        assert "max_fails=0" in args, args
     heartbeat = float(chat_env.get("CHAT_HEARTBEAT", DEFAULT_HEARTBEAT))
     [[timeout]] = directive(nginx_conf, "proxy_read_timeout")
     assert seconds(timeout) > 2 * heartbeat, "one lost ping must not cut a healthy socket"
@@ -315,7 +319,7 @@ def test_renderer_changes_only_addresses_and_runtime_paths(tmp_path: Path) -> No
 def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
     """`nginx -t` passes on deploy/nginx.conf rendered for local addresses."""
     if not Path(NGINX).exists():
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
     runtime = tmp_path / "nginx"
     runtime.mkdir()
     conf = runtime / "nginx.conf"

@@ -4,6 +4,7 @@ the local Hub to the Broker. Knows nothing of HTTP; the /ws handler feeds it com
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -89,7 +90,7 @@ class ChatService:
         try:
             command = parse_client_frame(data, max_text_chars=self.limits.max_text_chars)
             if isinstance(command, Publish):
-                await self.publish(conn, command)
+                self.publish(conn, command)
             elif isinstance(command, Join):
                 await self._join(conn, command.room, command.since, command.epoch)
             elif isinstance(command, Leave):
@@ -104,14 +105,19 @@ class ChatService:
             ref = getattr(command, "ref", None)
             conn.send(error_event(UNAVAILABLE, "not done: the message broker is unavailable", ref))
 
-    async def publish(self, conn: Connection, command: Publish) -> None:
+    def publish(self, conn: Connection, command: Publish) -> None:
+        """Hand the message to the broker and go on reading; the outcome comes back as
+        an ack (with a ref) or an `unavailable` error, never silently."""
         if command.room not in conn.rooms:
             raise ProtocolError(FORBIDDEN, f"join {command.room!r} first", command.ref)
         user = conn.user
         tail = message_tail(command.room, user.sub, user.username, command.text, _now_ms())
-        message_id = await self.broker.publish(command.room, tail)
-        if command.ref is not None:
-            conn.send({"type": "ack", "ref": command.ref, "id": message_id})
+        future = self.broker.publish(command.room, tail)
+        ref = command.ref
+        if future.done():
+            _published(conn, ref, future)
+        else:
+            future.add_done_callback(lambda done: _published(conn, ref, done))
 
     async def publish_as_service(self, service: str, room: str, text: str) -> str:
         """The HTTP publish API: a backend service speaks in a room under its own name."""
@@ -238,6 +244,14 @@ class ChatService:
             await coro
         except BrokerUnavailable:
             pass
+
+
+def _published(conn: Connection, ref: str | None, done: asyncio.Future[str]) -> None:
+    error = done.exception()
+    if error is not None:
+        conn.send(error_event(UNAVAILABLE, "not sent: the message broker is unavailable", ref))
+    elif ref is not None:
+        conn.send({"type": "ack", "ref": ref, "id": done.result()})
 
 
 def _now_ms() -> int:

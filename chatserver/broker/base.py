@@ -10,6 +10,7 @@ so that nothing is skipped in between (pub/sub alone is at-most-once).
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,8 +61,13 @@ class Broker(abc.ABC):
     def connected(self) -> bool: ...
 
     @abc.abstractmethod
-    async def publish(self, room: str, tail: bytes) -> str:
-        """Store a message (protocol.message_tail) and broadcast it; returns its id."""
+    def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
+        """Store a message (protocol.message_tail) and broadcast it; resolves to its id.
+
+        Returns at once so a client's next frame is read without waiting on Redis;
+        publishes resolve, and reach the store, in the order they were made. Failure:
+        the future raises BrokerUnavailable.
+        """
 
     @abc.abstractmethod
     async def publish_event(self, room: str, payload: bytes) -> None:

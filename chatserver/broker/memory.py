@@ -4,6 +4,7 @@ bounded history, presence), so the embedded default behaves like production.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import defaultdict, deque
@@ -58,12 +59,14 @@ class MemoryBroker(Broker):
             stream = self._streams[room] = _Stream(self._maxlen)
         return stream
 
-    async def publish(self, room: str, tail: bytes) -> str:
+    def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
         stream = self._stream(room)
         message_id = stream.add(tail)
         if room in self._rooms:
             self.on_room(room, stream.entries[-1][1])
-        return message_id
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done.set_result(message_id)
+        return done
 
     async def publish_event(self, room: str, payload: bytes) -> None:
         if room in self._rooms:

@@ -89,6 +89,8 @@ return out
 """
 
 REPLAY_BATCH = 500
+PUBLISH_BATCH = 256  # publishes per pipeline round trip
+MAX_OUTBOX = 100_000  # publishes waiting for Redis before new ones fail `unavailable`
 MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # seconds between pub/sub reconnect attempts
 SILENCE_LIMIT = 15.0  # seconds without any pub/sub traffic (pongs included) = dead link
 
@@ -141,6 +143,8 @@ class RedisBroker(Broker):
         self._backoff = MIN_BACKOFF
         self._closing = False
         self._listener: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[str, bytes, asyncio.Future[str]]] = []
+        self._sender: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ keys
@@ -178,10 +182,11 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._listener, self._presence_task):
+        tasks = (self._listener, self._presence_task, self._sender)
+        for task in tasks:
             if task is not None:
                 task.cancel()
-        for task in (self._listener, self._presence_task):
+        for task in tasks:
             if task is not None:
                 try:
                     await task
@@ -305,11 +310,40 @@ class RedisBroker(Broker):
         except (TimeoutError, RedisError, OSError) as exc:
             raise BrokerUnavailable(f"redis {what} failed: {type(exc).__name__}") from None
 
-    async def publish(self, room: str, tail: bytes) -> str:
-        keys = [self._stream_key(room), self._room_channel(room), self._epoch_key(room)]
-        args = [self._maxlen, tail, uuid.uuid4().hex]
-        message_id: bytes = await self._call("publish", self._publish(keys=keys, args=args))
-        return message_id.decode()
+    def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if len(self._outbox) >= MAX_OUTBOX:
+            future.set_exception(BrokerUnavailable("too many publishes waiting for redis"))
+            return future
+        self._outbox.append((room, tail, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_outbox(), name="redis-publisher")
+        return future
+
+    async def _send_outbox(self) -> None:
+        """One pipeline of publishes in flight at a time: one round trip per batch, and
+        batches (so each client's messages) reach Redis in order."""
+        await asyncio.sleep(0)  # let this loop pass add its publishes to the batch
+        while self._outbox:
+            batch, self._outbox = self._outbox[:PUBLISH_BATCH], self._outbox[PUBLISH_BATCH:]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for room, tail, _ in batch:
+                        keys = [self._stream_key(room), self._room_channel(room),
+                                self._epoch_key(room)]
+                        await self._publish(  # queued on the pipeline, sent by execute()
+                            keys=keys, args=[self._maxlen, tail, uuid.uuid4().hex], client=pipe
+                        )
+                    ids = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                ids = [BrokerUnavailable(f"redis publish failed: {type(exc).__name__}")] * len(batch)
+            for (_, _, future), result in zip(batch, ids, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(BrokerUnavailable(f"redis publish failed: {result}"))
+                else:
+                    future.set_result(result.decode())
 
     async def publish_event(self, room: str, payload: bytes) -> None:
         await self._call("publish", self._redis.publish(self._room_channel(room), payload))

@@ -115,6 +115,7 @@ class Tally:
         self.errors: Counter[str] = Counter()  # error frames by code
         self.closes: Counter[str] = Counter()  # sockets the server closed during the run
         self.sent = 0
+        self.refused = 0  # sent, but refused by an error frame or a failed write
         self.first_send_ns = 0
         self.last_receive_ns = 0
 
@@ -129,7 +130,7 @@ class Tally:
             "attempted": self.attempted, "connected": self.connected,
             "connect_failures": dict(self.connect_failures), "deliveries": self.deliveries,
             "duplicates": self.duplicates, "errors": dict(self.errors),
-            "closes": dict(self.closes), "sent": self.sent,
+            "closes": dict(self.closes), "sent": self.sent, "refused": self.refused,
             "first_send_ns": self.first_send_ns, "last_receive_ns": self.last_receive_ns,
         }
 
@@ -138,7 +139,7 @@ class Tally:
         tally = cls()
         tally.connect = Histogram.from_json(data["connect"])
         tally.latency = Histogram.from_json(data["latency"])
-        for name in ("attempted", "connected", "deliveries", "duplicates", "sent",
+        for name in ("attempted", "connected", "deliveries", "duplicates", "sent", "refused",
                      "first_send_ns", "last_receive_ns"):
             setattr(tally, name, int(data[name]))
         tally.connect_failures = Counter(data["connect_failures"])
@@ -159,4 +160,5 @@ class Tally:
         if other.sent and (self.sent == 0 or other.first_send_ns < self.first_send_ns):
             self.first_send_ns = other.first_send_ns
         self.sent += other.sent
+        self.refused += other.refused
         self.last_receive_ns = max(self.last_receive_ns, other.last_receive_ns)

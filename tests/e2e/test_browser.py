@@ -34,6 +34,7 @@ TIMEOUT_MS = scaled(10) * 1000
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
 XSS = "<img src=x onerror=alert(1)>"
 A_LONG_TIME_MS = 120_000  # well past the 30 s backoff cap: any scheduled retry would fire
+SHORT_TOKEN_TTL = 10  # seconds, the server's minimum CHAT_DEV_TOKEN_TTL
 
 PageFactory = Callable[..., Page]
 
@@ -66,9 +67,6 @@ def chat_url(chat_server: ServerProcess) -> str:
     return chat_server.url
 
 
-SHORT_TOKEN_TTL = 10  # the server's minimum CHAT_DEV_TOKEN_TTL
-
-
 @pytest.fixture
 def make_page(browser: Browser, chat_url: str) -> Iterator[PageFactory]:
     """Factory: a page in a fresh context (its own cookies), watched for CSP and dialogs."""
@@ -82,14 +80,18 @@ def make_page(browser: Browser, chat_url: str) -> Iterator[PageFactory]:
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
-        page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"),
-                                          dialog.dismiss()))
+        page.on(
+            "dialog",
+            lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()),
+        )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.on(
             "console",
-            lambda msg: problems.append(f"console: {msg.text}")
-            if "Content Security Policy" in msg.text
-            else None,
+            lambda msg: (
+                problems.append(f"console: {msg.text}")
+                if "Content Security Policy" in msg.text
+                else None
+            ),
         )
         if clock:
             page.clock.install()
@@ -139,6 +141,22 @@ def message_ids(page: Page) -> list[str]:
     return page.locator("#messages .message").evaluate_all(
         "items => items.map(item => item.dataset.id)"
     )
+
+
+def requests_to(page: Page, path: str) -> list[str]:
+    """A list that collects, from now on, the URL of each request the page makes to path."""
+    seen: list[str] = []
+    page.on(
+        "request", lambda request: seen.append(request.url) if request.url.endswith(path) else None
+    )
+    return seen
+
+
+def websockets_opened(page: Page) -> list[str]:
+    """A list that collects, from now on, the URL of each WebSocket the page opens."""
+    seen: list[str] = []
+    page.on("websocket", lambda ws: seen.append(ws.url))
+    return seen
 
 
 def pause_clock(page: Page) -> None:
@@ -206,7 +224,7 @@ def test_two_users_chat_both_ways_and_markup_stays_text(make_page: PageFactory) 
 def test_worker_killed_page_reconnects_and_shows_missed_messages_once(
     make_page: PageFactory, chat_server: ServerProcess
 ) -> None:
-    """After SIGKILL of its worker a page shows "reconnecting", comes back, and shows each missed message once."""
+    """A page whose worker is SIGKILLed reconnects and shows each message it missed, once."""
     alice, bob = make_page(clock=True), make_page()
     sign_in(alice, "alice")
     sign_in(bob, "bob")
@@ -244,8 +262,7 @@ def test_refused_socket_shows_sign_in_and_never_retries(
     """A reconnect refused with 1008 shows the sign-in form and makes no further attempt."""
     page = make_page(clock=True)
     sign_in(page, "mallory")
-    attempts: list[str] = []
-    page.on("websocket", lambda ws: attempts.append(ws.url))
+    attempts = websockets_opened(page)
     before = auth_failures(chat_url)
 
     page.context.add_cookies(
@@ -262,7 +279,7 @@ def test_refused_socket_shows_sign_in_and_never_retries(
     expect(page.locator("#login-form")).to_be_visible()
     assert len(attempts) == 1, attempts
 
-    after = auth_failures(chat_url)
+    after = auth_failures(chat_url)  # every reason: nothing else may have been refused
     refused = sum(after.values()) - sum(before.values())
     assert refused == 1, (before, after)
 
@@ -273,8 +290,7 @@ def test_logout_closes_socket_and_shows_sign_in(make_page: PageFactory) -> None:
     socket = sign_in(erin, "erin")
     sign_in(frank, "frank")
     expect(frank.locator("#presence li")).to_have_count(2)
-    attempts: list[str] = []
-    erin.on("websocket", lambda ws: attempts.append(ws.url))
+    attempts = websockets_opened(erin)
 
     with socket.expect_event("close"):
         erin.click("#logout")
@@ -294,8 +310,7 @@ def test_lapsed_access_cookie_is_refreshed_on_page_load(make_page: PageFactory) 
     page = make_page()
     sign_in(page, "grace")
     page.context.clear_cookies(name="authToken")
-    refreshes: list[str] = []
-    page.on("request", lambda r: refreshes.append(r.url) if r.url.endswith("/auth/refresh") else None)
+    refreshes = requests_to(page, "/auth/refresh")
 
     page.reload()
     expect(page.locator("#status")).to_have_attribute("data-state", "connected")
@@ -308,16 +323,15 @@ def test_expired_token_close_refreshes_and_reconnects(
     browser: Browser, make_server: Callable[..., ServerProcess], redis_url: str
 ) -> None:
     """A socket closed 4001 at token expiry refreshes once and reconnects without sign-in."""
-    server = make_server(workers=2, redis_url=redis_url,
-                         env={"CHAT_DEV_TOKEN_TTL": str(SHORT_TOKEN_TTL)})
+    server = make_server(
+        workers=2, redis_url=redis_url, env={"CHAT_DEV_TOKEN_TTL": str(SHORT_TOKEN_TTL)}
+    )
     context = browser.new_context(base_url=server.url)
     try:
         page = context.new_page()
         page.goto("/")
         socket = sign_in(page, "heidi")
-        refreshes: list[str] = []
-        page.on("request",
-                lambda r: refreshes.append(r.url) if r.url.endswith("/auth/refresh") else None)
+        refreshes = requests_to(page, "/auth/refresh")
         expiry_ms = scaled(SHORT_TOKEN_TTL + 20) * 1000  # token lifetime + leeway + margin
         with page.expect_websocket(timeout=expiry_ms) as reopened:
             socket.wait_for_event("close", timeout=expiry_ms)

@@ -18,8 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-
-yaml = pytest.importorskip("yaml")
+import yaml  # PyYAML: in the `test` extras
 
 pytestmark = pytest.mark.e2e
 

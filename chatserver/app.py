@@ -84,7 +84,8 @@ def _services(settings: Settings, given: Broker | None, metrics: Metrics, instan
         chat = ChatService(
             hub,
             broker,
-            Limits(settings.max_rooms, settings.max_text_chars, settings.rate_burst),
+            Limits(settings.max_rooms, settings.max_text_chars, settings.rate_burst,
+                   settings.presence_event_limit),
         )
         auth = await _auth_service(settings, session, broker, metrics)
         app[BROKER] = broker

@@ -43,6 +43,7 @@ class Limits:
     max_rooms: int = 50
     max_text_chars: int = 4000
     flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
+    presence_event_limit: int = 100  # rooms bigger than this send no join/leave events
 
 
 class ChatService:
@@ -174,17 +175,21 @@ class ChatService:
             raise ProtocolError(BAD_REQUEST, f"already in {room!r}")
         if len(conn.rooms) >= self.limits.max_rooms:
             raise ProtocolError(FORBIDDEN, f"at most {self.limits.max_rooms} rooms")
-        if self.hub.open_room(room):
-            try:
-                await self.broker.subscribe_room(room)
-            except BrokerUnavailable:
-                self.hub.close_room_if_empty(room)
-                raise
+        state, created = self.hub.reserve(room)
         try:
+            if created:
+                await self._subscribe(room, state.subscribed)
+            else:
+                await asyncio.shield(state.subscribed)
             current = await self.broker.epoch(room) if since is None else ""
         except BrokerUnavailable:
+            self.hub.release(room)
             await self._drop_room_if_empty(room)
             raise
+        if conn.closed:
+            self.hub.release(room)
+            await self._drop_room_if_empty(room)
+            return
         if since is None:
             first = self.hub.add(conn, room)
             if greeting is not None:
@@ -197,6 +202,15 @@ class ChatService:
             await self._replay(conn, room, since, epoch)
         if first:
             await self._presence(room, conn.member, "join")
+
+    async def _subscribe(self, room: str, subscribed: asyncio.Future[None]) -> None:
+        try:
+            await self.broker.subscribe_room(room)
+        except BrokerUnavailable as exc:
+            subscribed.set_exception(exc)
+            subscribed.exception()  # joiners waiting on it see it; none may be waiting
+            raise
+        subscribed.set_result(None)
 
     async def _replay(self, conn: Connection, room: str, since: str, epoch: str | None) -> None:
         try:
@@ -230,10 +244,12 @@ class ChatService:
         """Presence is best effort: a broker outage must not fail a join or a leave."""
         try:
             if event == "join":
-                changed = await self.broker.presence_join(room, member)
+                changed, size = await self.broker.presence_join(room, member)
             else:
-                changed = await self.broker.presence_leave(room, member)
-            if changed:
+                changed, size = await self.broker.presence_leave(room, member)
+            # In a big room every join would be a frame to every member (N^2 on a
+            # reconnect wave): past the limit, clients ask `members` instead.
+            if changed and size <= self.limits.presence_event_limit:
                 payload = {"type": "presence", "room": room, "event": event, "user": member.public()}
                 await self.broker.publish_event(room, encode(payload))
         except BrokerUnavailable:

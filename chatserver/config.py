@@ -65,6 +65,7 @@ class Settings:
     # History, presence, lifecycle.
     history_maxlen: int = 1000
     presence_ttl: float = 30.0
+    presence_event_limit: int = 100
     grace: float = 10.0
     log_level: str = "INFO"
 
@@ -254,6 +255,7 @@ def load_settings(
         compress=read.flag("CHAT_COMPRESS", False),
         history_maxlen=read.integer("CHAT_HISTORY_MAXLEN", 1000, 10, 10_000_000),
         presence_ttl=read.number("CHAT_PRESENCE_TTL", 30.0, 3, 3600),
+        presence_event_limit=read.integer("CHAT_PRESENCE_EVENT_LIMIT", 100, 0, 1_000_000),
         grace=read.number("CHAT_GRACE", 10.0, 0, 600),
         log_level=log_level,
     )

@@ -19,7 +19,9 @@ MAX_REPLAY_BUFFER = 10000  # live payloads held for one resuming connection
 
 
 class Room:
-    __slots__ = ("members", "name", "queue", "replaying", "users", "watermarks")
+    __slots__ = (
+        "joining", "members", "name", "queue", "replaying", "subscribed", "users", "watermarks"
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -30,6 +32,9 @@ class Room:
         self.watermarks: dict[Connection, tuple[int, int]] = {}
         self.queue: list[bytes] = []
         self.users: dict[str, int] = {}  # sub -> local connections in this room
+        self.joining = 0  # joins under way: the room must outlive their awaits
+        # Resolved once the broker subscription exists; joiners wait on it, not on Redis.
+        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class Hub:
@@ -137,17 +142,26 @@ class Hub:
 
     # ------------------------------------------------------------------ rooms
 
-    def open_room(self, name: str) -> bool:
-        """Make sure the room exists; True when it is new here (subscribe the broker)."""
-        if name in self.rooms:
-            return False
-        self.rooms[name] = Room(name)
-        return True
+    def reserve(self, name: str) -> tuple[Room, bool]:
+        """Hold the room open for a join under way; True when it is new here (the caller
+        subscribes the broker and resolves room.subscribed). End with add or release."""
+        room = self.rooms.get(name)
+        created = room is None
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        room.joining += 1
+        return room, created
+
+    def release(self, name: str) -> None:
+        """A reserved join that failed."""
+        room = self.rooms.get(name)
+        if room is not None:
+            room.joining -= 1
 
     def close_room_if_empty(self, name: str) -> bool:
         """Drop an empty room; True when dropped (unsubscribe the broker)."""
         room = self.rooms.get(name)
-        if room is None or room.members or room.replaying or room.users:
+        if room is None or room.members or room.replaying or room.users or room.joining:
             return False
         self._flush(room)
         del self.rooms[name]
@@ -156,6 +170,7 @@ class Hub:
     def add(self, conn: Connection, name: str) -> bool:
         """Make conn a live member; True when it is its user's first connection in the room."""
         room = self.rooms[name]
+        room.joining -= 1
         self._flush(room)
         room.members.add(conn)
         conn.rooms.add(name)
@@ -166,6 +181,7 @@ class Hub:
     def add_replaying(self, conn: Connection, name: str) -> bool:
         """Like add, but live payloads are held for conn until finish_replay."""
         room = self.rooms[name]
+        room.joining -= 1
         self._flush(room)
         room.replaying[conn] = []
         conn.rooms.add(name)

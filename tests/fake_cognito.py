@@ -61,6 +61,7 @@ class Call:
 
     target: str | None
     content_type: str | None
+    user_agent: str | None
     body: dict[str, Any]
 
     @property
@@ -198,8 +199,9 @@ class FakeCognito:
             body = json.loads(raw)
         except ValueError:
             body = {"_unparsed": raw.decode(errors="replace")}
-        self.calls.append(Call(request.headers.get("X-Amz-Target"),
-                               request.headers.get("Content-Type"), body))
+        headers = request.headers
+        self.calls.append(Call(headers.get("X-Amz-Target"), headers.get("Content-Type"),
+                               headers.get("User-Agent"), body))
         if self.mode == "hang":
             assert self._release is not None
             with suppress(TimeoutError):

@@ -56,7 +56,7 @@ async def test_one_encode_per_message_and_one_write_per_client_per_pass(
     monkeypatch.setattr(hub_module, "text_frame", lambda p: encoded.append(p) or real(p))
     kicked: list[Connection] = []
     hub = Hub()
-    hub.open_room("lobby")
+    hub.reserve("lobby")
     conns = [make_conn(f"u{i}", kicked) for i in range(100)]
     for conn in conns:
         hub.add(conn, "lobby")
@@ -75,7 +75,7 @@ async def test_full_backlog_kicks_only_that_client() -> None:
     """A client over its backlog bound is kicked with 1013; the others are written to."""
     kicked: list[Connection] = []
     hub = Hub()
-    hub.open_room("lobby")
+    hub.reserve("lobby")
     slow = make_conn("slow", kicked, backlog=4096)
     fast = [make_conn(f"f{i}", kicked) for i in range(3)]
     for conn in [slow, *fast]:
@@ -94,7 +94,7 @@ async def test_resumed_client_waits_for_live_stream_to_catch_up() -> None:
     kicked: list[Connection] = []
     live = {"lobby": (1002, 0)}
     hub = Hub(position=live.get)
-    hub.open_room("lobby")
+    hub.reserve("lobby")
     conn = make_conn("u", kicked)
     hub.add_replaying(conn, "lobby")
     hub.finish_replay(conn, "lobby", "1004-0")  # the replay reached 1004; live is at 1002

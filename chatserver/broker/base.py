@@ -101,12 +101,12 @@ class Broker(abc.ABC):
     async def history(self, room: str, since: str, epoch: str | None) -> Replay: ...
 
     @abc.abstractmethod
-    async def presence_join(self, room: str, member: Member) -> bool:
-        """Mark the member present here; True when no other instance had them."""
+    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
+        """Mark the member present here: (no other instance had them, entries in the room)."""
 
     @abc.abstractmethod
-    async def presence_leave(self, room: str, member: Member) -> bool:
-        """Mark the member gone here; True when no other instance still has them."""
+    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
+        """Mark the member gone here: (no instance still has them, entries left)."""
 
     @abc.abstractmethod
     async def members(self, room: str) -> list[Member]: ...

@@ -103,21 +103,22 @@ class MemoryBroker(Broker):
         frames = [frame for key, frame in stream.entries if key > after]
         return Replay(frames, after >= stream.max_deleted, stream.epoch)
 
-    async def presence_join(self, room: str, member: Member) -> bool:
+    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
         here = self._presence[room]
         here[member] = here.get(member, 0) + 1
-        return here[member] == 1
+        return here[member] == 1, len(here)
 
-    async def presence_leave(self, room: str, member: Member) -> bool:
+    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
         here = self._presence[room]
         left = here.get(member, 0) - 1
         if left > 0:
             here[member] = left
-            return False
+            return False, len(here)
         here.pop(member, None)
+        size = len(here)
         if not here:
             del self._presence[room]
-        return True
+        return True, size
 
     async def members(self, room: str) -> list[Member]:
         return sorted(self._presence.get(room, {}), key=lambda m: m.username)

@@ -55,18 +55,18 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 for _, m in ipairs(live) do
-  if m ~= ARGV[1] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then return 0 end
+  if m ~= ARGV[1] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then return {0, #live} end
 end
-return 1
+return {1, #live}
 """
 
 PRESENCE_LEAVE_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
 for _, m in ipairs(live) do
-  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return {0, #live} end
 end
-return 1
+return {1, #live}
 """
 
 # Removes expired entries (a dead instance's members) and returns those whose user is
@@ -89,6 +89,7 @@ return out
 """
 
 REPLAY_BATCH = 500
+POOL_SIZE = 32  # command connections per worker
 PUBLISH_BATCH = 256  # publishes per pipeline round trip
 MAX_OUTBOX = 100_000  # publishes waiting for Redis before new ones fail `unavailable`
 MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # seconds between pub/sub reconnect attempts
@@ -115,14 +116,18 @@ class RedisBroker(Broker):
         self._presence_ttl = presence_ttl
         self._on_reconnect = on_reconnect or _nothing
         self._on_listener_restart = on_listener_restart or _nothing
-        # Commands: a short retry, then the caller hears `unavailable`.
-        self._redis = aioredis.Redis.from_url(
+        # Commands: a bounded pool (a burst of joins queues instead of opening hundreds
+        # of connections), a short retry, then the caller hears `unavailable`.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=5,
             socket_connect_timeout=2,
             socket_timeout=5,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             health_check_interval=15,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         # Pub/sub: no hidden retry; the listener owns reconnecting so it can replay gaps.
         self._sub_redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
@@ -136,6 +141,7 @@ class RedisBroker(Broker):
         self._user_channel_prefix = f"{prefix}user:".encode()
         self._instance_channel = f"{prefix}instance:{instance}"
         self._rooms: dict[str, tuple[int, int]] = {}  # subscribed room -> last id delivered
+        self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
         self._users: set[str] = set()
         self._present: dict[str, dict[Member, int]] = {}  # room -> members here
         self._pubsub: PubSub | None = None
@@ -226,6 +232,7 @@ class RedisBroker(Broker):
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     async def _listen_once(self) -> None:
+        self._epochs.clear()
         pubsub = self._sub_redis.pubsub()
         self._pubsub = pubsub
         wanted = [self._instance_channel]
@@ -363,6 +370,7 @@ class RedisBroker(Broker):
         await self._send_subscription(True, self._room_channel(room))
 
     async def unsubscribe_room(self, room: str) -> None:
+        self._epochs.pop(room, None)
         if self._rooms.pop(room, None) is not None:
             await self._send_subscription(False, self._room_channel(room))
 
@@ -380,10 +388,19 @@ class RedisBroker(Broker):
         return self._rooms.get(room)
 
     async def epoch(self, room: str) -> str:
-        key = self._epoch_key(room)
-        await self._call("epoch", self._redis.set(key, uuid.uuid4().hex, nx=True))
-        value = await self._call("epoch", self._redis.get(key))
-        return value.decode() if value else ""
+        """Cached while subscribed; the cache is dropped whenever pub/sub reconnects, since
+        that is when Redis may have lost its data (history() always reads it afresh)."""
+        cached = self._epochs.get(room)
+        if cached is not None:
+            return cached
+        fresh = uuid.uuid4().hex
+        old = await self._call(
+            "epoch", self._redis.set(self._epoch_key(room), fresh, nx=True, get=True)
+        )
+        value = old.decode() if old else fresh
+        if room in self._rooms:
+            self._epochs[room] = value
+        return value
 
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         keys = [self._stream_key(room), self._epoch_key(room)]
@@ -413,7 +430,7 @@ class RedisBroker(Broker):
         username = member.username.replace("\t", " ")
         return f"{member.sub}\t{self._instance}\t{username}"
 
-    async def presence_join(self, room: str, member: Member) -> bool:
+    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
         here = self._present.setdefault(room, {})
         here[member] = here.get(member, 0) + 1
         now = time.time()
@@ -424,25 +441,25 @@ class RedisBroker(Broker):
             f"{member.sub}\t",
             int(self._presence_ttl * 4),
         ]
-        first = await self._call(
+        first, size = await self._call(
             "presence", self._presence_join(keys=[self._presence_key(room)], args=args)
         )
-        return bool(first)
+        return bool(first), int(size)
 
-    async def presence_leave(self, room: str, member: Member) -> bool:
+    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
         here = self._present.get(room, {})
         count = here.get(member, 0) - 1
         if count > 0:
             here[member] = count
-            return False
+            return False, 0
         here.pop(member, None)
         if not here:
             self._present.pop(room, None)
         args = [self._member_key(member), time.time(), f"{member.sub}\t"]
-        gone = await self._call(
+        gone, size = await self._call(
             "presence", self._presence_leave(keys=[self._presence_key(room)], args=args)
         )
-        return bool(gone)
+        return bool(gone), int(size)
 
     async def members(self, room: str) -> list[Member]:
         raw = await self._call(

@@ -118,7 +118,7 @@ class Shard:
             tally = self.tally
             self.emit({"event": "progress", "signed_in": self.signed_in,
                        "connected": tally.connected,
-                       "failed": tally.attempted - tally.connected, "sent": tally.sent,
+                       "failed": sum(tally.connect_failures.values()), "sent": tally.sent,
                        "delivered": tally.deliveries})
 
     # ------------------------------------------------------ sign-in, connect

@@ -101,16 +101,19 @@ class ChatService:
             else:
                 await self.direct(conn, command)
         except ProtocolError as exc:
-            conn.send(error_event(exc.code, exc.detail, exc.ref))
+            conn.send(error_event(exc.code, exc.detail, exc.ref, exc.room))
         except BrokerUnavailable:
-            ref = getattr(command, "ref", None)
-            conn.send(error_event(UNAVAILABLE, "not done: the message broker is unavailable", ref))
+            ref, room = getattr(command, "ref", None), getattr(command, "room", None)
+            detail = "not done: the message broker is unavailable"
+            conn.send(error_event(UNAVAILABLE, detail, ref, room))
 
     def publish(self, conn: Connection, command: Publish) -> None:
         """Hand the message to the broker and go on reading; the outcome comes back as
         an ack (with a ref) or an `unavailable` error, never silently."""
         if command.room not in conn.rooms:
-            raise ProtocolError(FORBIDDEN, f"join {command.room!r} first", command.ref)
+            raise ProtocolError(
+                FORBIDDEN, f"join {command.room!r} first", command.ref, room=command.room
+            )
         user = conn.user
         tail = message_tail(command.room, user.sub, user.username, command.text, _now_ms())
         future = self.broker.publish(command.room, tail)
@@ -146,13 +149,13 @@ class ChatService:
 
     async def members(self, conn: Connection, room: str) -> None:
         if room not in conn.rooms:
-            raise ProtocolError(FORBIDDEN, f"join {room!r} first")
+            raise ProtocolError(FORBIDDEN, f"join {room!r} first", room=room)
         found = await self.broker.members(room)
         conn.send({"type": "members", "room": room, "members": [m.public() for m in found]})
 
     async def leave(self, conn: Connection, room: str) -> None:
         if room not in conn.rooms:
-            raise ProtocolError(BAD_REQUEST, f"not in {room!r}")
+            raise ProtocolError(BAD_REQUEST, f"not in {room!r}", room=room)
         await self._leave(conn, room)
         conn.send({"type": "left", "room": room})
 
@@ -172,9 +175,9 @@ class ChatService:
         greeting: dict[str, Any] | None = None,
     ) -> None:
         if room in conn.rooms:
-            raise ProtocolError(BAD_REQUEST, f"already in {room!r}")
+            raise ProtocolError(BAD_REQUEST, f"already in {room!r}", room=room)
         if len(conn.rooms) >= self.limits.max_rooms:
-            raise ProtocolError(FORBIDDEN, f"at most {self.limits.max_rooms} rooms")
+            raise ProtocolError(FORBIDDEN, f"at most {self.limits.max_rooms} rooms", room=room)
         state, created = self.hub.reserve(room)
         try:
             if created:

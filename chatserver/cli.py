@@ -148,8 +148,12 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _hold_port(self) -> socket.socket:
-        """Bind (without listening) so a port taken by someone else fails here, once."""
+        """Fail once, here, if the port is taken (by anyone, another chatserver included:
+        the probe does not set SO_REUSEPORT), then hold it bound without listening."""
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((self.settings.host, self.settings.port))
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -57,6 +57,7 @@ class Connection:
         "id",
         "member",
         "on_kick",
+        "reader",
         "rooms",
         "strikes",
         "transport",
@@ -87,6 +88,8 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_kick = on_kick
+        # The handler task while it waits in receive(), so a kick can wake it.
+        self.reader: asyncio.Task[Any] | None = None
         self._backlog_limit = backlog_limit
 
     def write(self, frame: bytes) -> None:

@@ -42,11 +42,14 @@ MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 class ProtocolError(Exception):
     """A client frame is unusable; answer with an error frame and keep the connection."""
 
-    def __init__(self, code: str, detail: str, ref: str | None = None) -> None:
+    def __init__(
+        self, code: str, detail: str, ref: str | None = None, *, room: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.ref = ref
+        self.room = room  # set on errors about one room, so the client knows which
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +167,14 @@ def parse_id(message_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def error_event(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:
+def error_event(
+    code: str, detail: str, ref: str | None = None, room: str | None = None
+) -> dict[str, Any]:
     event: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
     if ref is not None:
         event["ref"] = ref
+    if room is not None:
+        event["room"] = room
     return event
 
 

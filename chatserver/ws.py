@@ -44,35 +44,27 @@ def instance_name() -> str:
 
 
 class Closer:
-    """Owns the tasks that close kicked connections; shutdown awaits them."""
+    """What happens when a connection is kicked: count it, wake its handler if it is
+    waiting for a frame (the handler then runs the close handshake itself), and make
+    sure a peer that never drains cannot pin the socket past the handshake timeout."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
 
     def __call__(self, conn: Connection) -> None:
         self._metrics.closes.labels(str(conn.close_code)).inc()
         if conn.close_code == CLOSE_TRY_LATER:
             self._metrics.slow_consumers.inc()
-        task = asyncio.create_task(self._close(conn))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _close(self, conn: Connection) -> None:
-        transport = conn.transport
-        abort = asyncio.get_running_loop().call_later(
-            CLOSE_HANDSHAKE_TIMEOUT, transport.abort
+        if conn.reader is not None:
+            conn.reader.cancel()  # interrupts only its receive(): see _read_loop
+        asyncio.get_running_loop().call_later(
+            CLOSE_HANDSHAKE_TIMEOUT + 1, _abort_if_stuck, conn.transport
         )
-        try:
-            await conn.ws.close(
-                code=conn.close_code or CLOSE_GOING_AWAY,
-                message=conn.close_reason.encode(),
-                drain=False,
-            )
-        except (ConnectionError, RuntimeError):
-            transport.abort()
-        if transport.is_closing() and transport.get_write_buffer_size() == 0:
-            abort.cancel()
+
+
+def _abort_if_stuck(transport: asyncio.Transport) -> None:
+    if not transport.is_closing() or transport.get_write_buffer_size():
+        transport.abort()
 
 
 @dataclass
@@ -160,14 +152,14 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
     )
     log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, ctx.instance)
     try:
-        async for msg in conn.ws:
-            if conn.closed:
-                continue  # the Closer is ending it; returning now would close with 1000
-            if msg.type == WSMsgType.TEXT:
-                ctx.metrics.messages_in.inc()
-                await ctx.chat.handle_text(conn, msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
+        await _read_loop(ctx, conn)
+        if conn.closed:
+            # Our close handshake: send the code, wait (bounded) for the peer's answer.
+            await conn.ws.close(
+                code=conn.close_code or CLOSE_GOING_AWAY,
+                message=conn.close_reason.encode(),
+                drain=False,
+            )
     finally:
         expiry.cancel()
         await ctx.chat.disconnect(conn)
@@ -179,10 +171,34 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
         )
 
 
+async def _read_loop(ctx: WsContext, conn: Connection) -> None:
+    """Read frames until the peer closes or the connection is kicked. A kick cancels the
+    pending receive() (only that: conn.reader is set just around it)."""
+    task = asyncio.current_task()
+    assert task is not None
+    while not conn.closed:
+        conn.reader = task
+        try:
+            msg = await conn.ws.receive()
+        except asyncio.CancelledError:
+            conn.reader = None
+            if conn.closed and task.uncancel() == 0:
+                return  # kicked: the caller runs the close handshake
+            raise
+        conn.reader = None
+        if msg.type == WSMsgType.TEXT:
+            ctx.metrics.messages_in.inc()
+            await ctx.chat.handle_text(conn, msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
+        else:
+            return  # close, closing, closed or error: the socket is done
+
+
 async def close_all(ctx: WsContext, code: int, reason: str, grace: float) -> None:
-    """Kick every connection and wait (bounded) for the closes to finish."""
+    """Kick every connection and wait (bounded) until their handlers are done."""
     for conn in list(ctx.chat.hub.connections):
         conn.kick(code, reason)
-    tasks = list(ctx.closer.tasks)
-    if tasks:
-        await asyncio.wait(tasks, timeout=grace)
+    deadline = asyncio.get_running_loop().time() + grace
+    while ctx.chat.hub.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)

@@ -147,7 +147,7 @@ async def test_stalled_reader_is_closed_1013_others_get_everything(
     make_server: Callable[..., ServerProcess], sessions: list[aiohttp.ClientSession]
 ) -> None:
     """One client never reads, 50 do: all 50 get every message; the stalled one gets 1013."""
-    server = make_server(env={"CHAT_RATE": "0", "CHAT_BACKLOG_BYTES": "65536",
+    server = make_server(env={"CHAT_RATE": "0", "CHAT_BACKLOG_BYTES": "262144",
                               "CHAT_MAX_TEXT_CHARS": "20000",
                               "CHAT_MAX_CONNECTIONS_PER_USER": "100"})
     publisher_session = await sign_in(server, "publisher")
@@ -159,24 +159,46 @@ async def test_stalled_reader_is_closed_1013_others_get_everything(
         await receive_until(ws, of_type("joined"))
     publisher = await open_ws(publisher_session, server)
     await receive_until(publisher, of_type("joined"))
+    readers.append(publisher)  # it hears its own messages too, and must keep up
 
-    # 4.8 MB: more than the kernel buffers (tcp_wmem max 4 MB) hold for a reader that stalls
-    count, text = 300, "y" * 16000
+    # 5.6 MB: more than the kernel buffers (tcp_wmem max 4 MB) and the 256 KiB bound hold
+    # for a reader that stalls; readers that keep up never come near the bound
+    count, text = 350, "y" * 16000
+
+    progress = [0] * len(readers)
+
+    async def read_all(index: int, ws: aiohttp.ClientWebSocketResponse) -> int:
+        while progress[index] < count:
+            frame = await receive_until(ws, of_type("message"), timeout=30)
+            assert int(frame["message"].split(":")[0]) == progress[index]
+            progress[index] += 1
+        return progress[index]
+
+    async def stalled_close_code() -> int | None:
+        """Once the server reports the kick, drain the stalled socket up to its close frame
+        (within the server's close-handshake bound, before it aborts the socket)."""
+        async with asyncio.timeout(scaled(30)):
+            while "chatserver_slow_consumer_closes_total 1.0" not in await metrics(server):
+                await asyncio.sleep(0.05)
+        return await asyncio.to_thread(read_close_code, stalled)
+
+    reading = [asyncio.create_task(read_all(i, ws)) for i, ws in enumerate(readers)]
+    stalled_result = asyncio.create_task(stalled_close_code())
     for i in range(count):
         await publisher.send_json({"message": f"{i}:{text}"})
+        # The readers share this one test process: keep them within 10 messages, so
+        # only the stalled client can come near the bound.
+        async with asyncio.timeout(scaled(30)):
+            while min(progress) < i - 10:
+                await asyncio.sleep(0.005)
+    results = await asyncio.gather(*reading)
+    assert results == [count] * 51
+    assert await stalled_result == 1013
 
-    async def read_all(ws: aiohttp.ClientWebSocketResponse) -> int:
-        got = 0
-        while got < count:
-            frame = await receive_until(ws, of_type("message"), timeout=30)
-            assert int(frame["message"].split(":")[0]) == got
-            got += 1
-        return got
 
-    results = await asyncio.gather(*(read_all(ws) for ws in readers))
-    assert results == [count] * 50
-    code = await asyncio.to_thread(read_close_code, stalled)
-    assert code == 1013
+async def metrics(server: ServerProcess) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{server.url}/metrics") as got:
+        return await got.text()
 
 
 def raw_stalled_client(server: ServerProcess, token: str) -> socket.socket:

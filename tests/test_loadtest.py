@@ -78,7 +78,7 @@ def test_reader_fast_path_agrees_with_json() -> None:
     reordered = json.dumps({"message": text, "type": "message", "id": "1-1"})
     other_run = fast.replace("LTrun1", "LTrun2")
     for frame in (fast, reordered, other_run, '{"type":"presence","room":"lobby"}'):
-        client._on_text(frame)
+        client.on_text(frame)
     assert (tally.deliveries, tally.duplicates, client.distinct) == (1, 1, 1)
 
 

@@ -421,6 +421,18 @@ async def test_refresh_refused_or_unavailable(server: ServerProcess, fake: FakeC
         assert (answer.status, answer.body["error"]) == (401, "unauthenticated")
 
 
+@pytest.mark.parametrize("cookie", ["garbage", "YWxpY2U=", "YWxpY2U=.", "."],
+                         ids=["not_packed", "name_only", "empty_token", "dot_only"])
+async def test_malformed_refresh_cookie_is_401(server: ServerProcess, fake: FakeCognito,
+                                               cookie: str) -> None:
+    """A refresh cookie that is not <name>.<token> is 401 unauthenticated and cleared."""
+    async with cookie_session() as session:
+        session.cookie_jar.update_cookies({"refreshToken": cookie}, URL(server.url + "/auth/"))
+        answer = await call(session, server, "POST", "/auth/refresh")
+    assert (answer.status, answer.body.get("error")) == (401, "unauthenticated"), answer
+    assert_cleared(answer)
+
+
 async def test_oversized_login_body_is_a_json_error(server: ServerProcess,
                                                     fake: FakeCognito) -> None:
     """A login body over the size bound is refused with a JSON {"error", "detail"} body."""

@@ -93,8 +93,7 @@ def make_middleware(auth: AuthService) -> Any:
                 request[AUTH_FAILURE] = (CLOSE_INTERNAL, "auth keys unavailable, retry")
             except TokenError as exc:
                 auth.metrics.auth_failures.labels(exc.reason).inc()
-                reason = "missing token" if exc.reason == "missing" else f"invalid token: {exc.reason}"
-                request[AUTH_FAILURE] = (CLOSE_POLICY, reason)
+                request[AUTH_FAILURE] = _refusal(exc)
         elif request.method == "POST" and request.path.startswith("/auth/"):
             # CSRF: a cookie-authenticated POST must come from our page, as JSON.
             if not origin_allowed(request, settings):
@@ -104,6 +103,15 @@ def make_middleware(auth: AuthService) -> Any:
         return await handler(request)
 
     return auth_middleware
+
+
+def _refusal(exc: TokenError) -> tuple[int, str]:
+    """Close code and reason for a refused upgrade: 1008 for every refused token, an
+    expired one included (the client asks /auth/me and refreshes before it gives up);
+    4001 is for a token that expires while its socket is open."""
+    if exc.reason == "missing":
+        return CLOSE_POLICY, "missing token"
+    return CLOSE_POLICY, f"invalid token: {exc.reason}"
 
 
 class AuthRoutes:
@@ -123,6 +131,8 @@ class AuthRoutes:
             body = await request.json()
         except ValueError:
             return error(400, "bad_request", "body must be JSON")
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, "too_large", "body too large")
         username = body.get("username") if isinstance(body, dict) else None
         password = body.get("password", "") if isinstance(body, dict) else None
         if not isinstance(username, str) or not username.strip() or not isinstance(password, str):
@@ -220,16 +230,19 @@ class AuthRoutes:
             self._set_auth_cookie(response, token, user)
             return response
         assert self.auth.cognito is not None
+        refused = error(401, "unauthenticated", "refresh token refused")
         encoded_name, _, refresh_token = value.partition(".")
         try:
             cognito_name = base64.urlsafe_b64decode(encoded_name.encode()).decode()
         except (binascii.Error, UnicodeDecodeError):
-            return self._signed_out(error(401, "unauthenticated", "refresh token refused"))
+            return self._signed_out(refused)
+        if not cognito_name or not refresh_token:
+            return self._signed_out(refused)
         try:
             tokens = await self.auth.cognito.refresh(refresh_token, cognito_name)
         except CognitoError as exc:
-            if exc.kind in BAD_CREDENTIALS:
-                return self._signed_out(error(401, "unauthenticated", "refresh token refused"))
+            if exc.kind in BAD_CREDENTIALS or exc.kind == "InvalidParameterException":
+                return self._signed_out(refused)
             return self._cognito_error(exc)
         except (CognitoUnavailable, ChallengeRequired):
             return error(503, "unavailable", "sign-in service unavailable; try again")
@@ -266,7 +279,9 @@ class AuthRoutes:
         )
 
     def _set_auth_cookie(self, response: web.Response, token: str, user: User) -> None:
-        lifetime = max(0, int(user.exp - time.time()))
+        # Max-Age is the token's lifetime: after it the browser sends no cookie and the
+        # client's "/auth/me says 401" path refreshes before it gives up.
+        lifetime = max(0, round(user.exp - time.time()))
         self._set_cookie(response, AUTH_COOKIE, token, "/", max_age=lifetime)
 
     def _signed_out(self, response: web.Response) -> web.Response:

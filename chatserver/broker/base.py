@@ -23,7 +23,7 @@ class BrokerUnavailable(Exception):
 class Replay:
     """The stored messages of a room after a given id."""
 
-    frames: list[bytes]  # complete message payloads, in id order
+    frames: list[bytes]  # message payloads after `since` (all kept, if the epoch changed)
     complete: bool  # False: the epoch changed or history no longer reaches `since`
     epoch: str
 

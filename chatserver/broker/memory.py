@@ -97,11 +97,10 @@ class MemoryBroker(Broker):
 
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         stream = self._stream(room)
-        if epoch != stream.epoch:
-            return Replay([], False, stream.epoch)
-        after = parse_id(since)
+        same_epoch = epoch == stream.epoch
+        after = parse_id(since) if same_epoch else (0, 0)
         frames = [frame for key, frame in stream.entries if key > after]
-        return Replay(frames, after >= stream.max_deleted, stream.epoch)
+        return Replay(frames, same_epoch and after >= stream.max_deleted, stream.epoch)
 
     async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
         here = self._presence[room]

@@ -34,11 +34,14 @@ redis.call('PUBLISH', KEYS[2], '{"type":"message","id":"' .. id .. ARGV[2])
 return id
 """
 
-# Epoch, entries after `since`, and the highest id ever trimmed (Redis >= 7.0), so that
-# "history no longer reaches since" is exact, not guessed from the first entry.
+# Epoch, entries after `since` (all of them when the epoch changed: the client rebuilds
+# from what is kept), and the highest id ever trimmed (Redis >= 7.0), so that "history
+# no longer reaches since" is exact, not guessed from the first entry.
 HISTORY_LUA = """
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
 local epoch = redis.call('GET', KEYS[2])
+local since = ARGV[1]
+if epoch ~= ARGV[4] then since = '0-0' end
 local maxdel = '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
@@ -46,7 +49,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
   end
 end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', ARGV[2])
 return {epoch, maxdel, entries}
 """
 
@@ -404,15 +407,13 @@ class RedisBroker(Broker):
 
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         keys = [self._stream_key(room), self._epoch_key(room)]
-        args = [since, self._maxlen, uuid.uuid4().hex]
+        args = [since, self._maxlen, uuid.uuid4().hex, epoch or ""]
         current, max_deleted, entries = await self._call(
             "history", self._history(keys=keys, args=args)
         )
         current = current.decode()
-        if epoch != current:
-            return Replay([], False, current)
         frames = [message_frame(eid.decode(), dict(_pairs(fields))[b"t"]) for eid, fields in entries]
-        complete = parse_id(since) >= parse_id(max_deleted.decode())
+        complete = epoch == current and parse_id(since) >= parse_id(max_deleted.decode())
         return Replay(frames, complete, current)
 
     async def hit(self, key: str, window: int) -> int:

@@ -63,24 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress line on stderr (default: when stderr is a terminal)")
 
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog=PROG, description="Load test a chatserver deployment.",
-                                     epilog=NOTES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=NOTES, formatter_class=raw)
     scenarios = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
-    connect = scenarios.add_parser("connect", parents=[common],
-                                   help="open N sockets: conn/s, failures, latency")
+
+    def scenario(name: str, summary: str) -> argparse.ArgumentParser:
+        return scenarios.add_parser(name, parents=[common], help=summary, description=summary,
+                                    epilog=NOTES, formatter_class=raw)
+
+    connect = scenario("connect", "open N sockets: conn/s, failures, connect latency")
     connect.add_argument("--hold", type=float, default=0.0,
                          help="seconds to keep the sockets open before closing (default 0)")
-    fanout = scenarios.add_parser("fanout", parents=[common],
-                                  help="N subscribers, 1 publisher: deliveries/s, latency, loss")
+    fanout = scenario("fanout", "N subscribers, 1 publisher: deliveries/s, latency, loss")
     fanout.add_argument("--messages", type=int, default=1000, help="messages to publish (1000)")
     fanout.add_argument("--inflight", type=int, default=50,
                         help="most messages sent but not yet echoed to the publisher (50)")
     fanout.add_argument("--publish-rate", type=float, default=0.0,
                         help="publisher messages/s (default 0: as fast as --inflight allows)")
     fanout.add_argument("--size", type=int, default=0, help="pad message texts to this length")
-    chat = scenarios.add_parser("chat", parents=[common],
-                                help="N clients each sending --rate messages/s: latency, loss")
+    chat = scenario("chat", "N clients each sending --rate messages/s: latency, loss")
     chat.add_argument("--rate", type=float, default=1.0, help="messages/s per client (1)")
     chat.add_argument("--duration", type=float, default=10.0, help="seconds of sending (10)")
     chat.add_argument("--size", type=int, default=0, help="pad message texts to this length")

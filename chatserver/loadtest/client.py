@@ -127,7 +127,7 @@ class Client:
         while True:
             msg = await ws.receive()
             if msg.type is text:
-                self._on_text(msg.data)
+                self.on_text(msg.data)
             elif msg.type in ended:
                 if not self.closing:
                     self._on_close(ws.close_code, str(msg.extra or ""))
@@ -137,10 +137,13 @@ class Client:
         self.closed_by_server = f"{code} {reason}".strip()
         if self.joined.is_set():  # a refused upgrade is a connect failure, not a drop
             self.tally.closes[str(code)] += 1
-        while self.outstanding > 0:  # nothing more will come back: free a waiting sender
-            self._settle()
+        # Nothing more comes back: what is still out may or may not have been published.
+        self.tally.unconfirmed += self.outstanding
+        while self.outstanding > 0:
+            self._settle()  # frees a sender waiting on the window
 
-    def _on_text(self, data: str) -> None:
+    def on_text(self, data: str) -> None:
+        """One text frame from the server (the reader calls this; tests may too)."""
         if data.startswith(MESSAGE_HEAD):
             start = data.find(self.marker)
             if start >= 0:

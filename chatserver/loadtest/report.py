@@ -45,12 +45,14 @@ def summarize(plan: Plan, outcome: Outcome) -> dict[str, Any]:
         result.update({
             "sent": tally.sent,
             "refused": tally.refused,
+            "unconfirmed": tally.unconfirmed,
             "rate_limited": tally.errors.get("rate_limited", 0),
             "accepted": outcome.accepted,
             "receivers": tally.connected,
             "expected": expected,
             "deliveries": tally.deliveries,
-            "lost": expected - tally.deliveries,
+            # Deliveries of unconfirmed messages can offset losses: then this is a floor.
+            "lost": max(0, expected - tally.deliveries),
             "duplicates": tally.duplicates,
             "deliveries_per_second": _rate(tally.deliveries, window),
             "latency_ms": tally.latency.summary_ms(),
@@ -84,6 +86,9 @@ def verdict(plan: Plan, result: dict[str, Any]) -> list[str]:
                         + RATE_ADVICE)
     elif result["refused"]:
         failures.append(f"{result['refused']} messages refused ({result['error_frames']})")
+    if result["unconfirmed"]:
+        failures.append(f"{result['unconfirmed']} messages unconfirmed: their sender was "
+                        "closed before they came back, so `lost` is a lower bound")
     if result["lost"] > 0:
         failures.append(f"{result['lost']} of {result['expected']} deliveries lost "
                         f"(waited {plan.grace:g} s after the last send; see --grace)")
@@ -105,7 +110,7 @@ def table(result: dict[str, Any]) -> str:
     if result["scenario"] != "connect":
         rows += [
             ("sent", f"{result['sent']} (refused {result['refused']}, rate_limited "
-                     f"{result['rate_limited']})"),
+                     f"{result['rate_limited']}, unconfirmed {result['unconfirmed']})"),
             ("deliveries", f"{result['deliveries']}/{result['expected']} = "
                            f"{result['deliveries_per_second']}/s"),
             ("lost", str(result["lost"])),

@@ -27,7 +27,7 @@ class Outcome:
 
     tally: Tally
     connect_seconds: float
-    accepted: int  # messages the server took (sent minus refused); each one is due everywhere
+    accepted: int  # messages the server surely took (see confirmed); each is due everywhere
     seconds: float
 
 
@@ -75,6 +75,11 @@ async def preflight(plan: Plan) -> None:
                 await check_token(session, target, token)
 
 
+def confirmed(sent: Event) -> int:
+    """Messages the server surely took: sent, minus refused, minus those in doubt."""
+    return int(sent["sent"]) - int(sent["refused"]) - int(sent["unconfirmed"])
+
+
 class Conductor:
     def __init__(self, plan: Plan, links: list[Link], events: Events,
                  progress: Progress) -> None:
@@ -108,13 +113,13 @@ class Conductor:
             self._enter("publishing")
             self.links[0].send({"cmd": "publish"})
             sent = await self.collect("sent", only=0)
-            accepted = int(sent[0]["sent"]) - int(sent[0]["refused"])
+            accepted = confirmed(sent[0])
         else:
             self._enter("chatting")
             start_ns = time.monotonic_ns() + int(START_DELAY * 1e9)
             self.broadcast({"cmd": "chat", "start_ns": start_ns})
             sent = await self.collect("sent")
-            accepted = sum(int(e["sent"]) - int(e["refused"]) for e in sent.values())
+            accepted = sum(confirmed(e) for e in sent.values())
         self._enter("draining")
         self.broadcast({"cmd": "drain", "expected": accepted})
         results = await self.collect("result")

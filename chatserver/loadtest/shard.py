@@ -195,7 +195,7 @@ class Shard:
             if publisher.closed_by_server is not None:
                 break
         await _wait(publisher.drained, plan.grace)
-        self.emit({"event": "sent", "sent": self.tally.sent, "refused": self.tally.refused})
+        self._sent()
 
     async def _chat(self, start_ns: int) -> None:
         """chat: every live client sends `rate` messages a second, phases spread at random."""
@@ -214,7 +214,12 @@ class Shard:
 
         await asyncio.gather(*(one(c, random.uniform(0, interval)) for c in self.live))
         await _wait_all([c.drained for c in self.live], plan.grace)
-        self.emit({"event": "sent", "sent": self.tally.sent, "refused": self.tally.refused})
+        self._sent()
+
+    def _sent(self) -> None:
+        tally = self.tally
+        self.emit({"event": "sent", "sent": tally.sent, "refused": tally.refused,
+                   "unconfirmed": tally.unconfirmed})
 
     async def _drain(self, expected: int) -> None:
         """Until each live client has `expected` distinct messages, or the grace is over."""
@@ -254,4 +259,4 @@ def ensure_descriptors(needed: int) -> None:
         soft = target
     if soft != resource.RLIM_INFINITY and soft < needed:
         raise RunError(f"this process needs {needed} open files but `ulimit -n` allows "
-                          f"{soft}: raise it, or spread clients with more --procs")
+                       f"{soft}: raise it, or spread clients with more --procs")

@@ -116,6 +116,7 @@ class Tally:
         self.closes: Counter[str] = Counter()  # sockets the server closed during the run
         self.sent = 0
         self.refused = 0  # sent, but refused by an error frame or a failed write
+        self.unconfirmed = 0  # sent, neither echoed nor refused before the server closed us
         self.first_send_ns = 0
         self.last_receive_ns = 0
 
@@ -131,6 +132,7 @@ class Tally:
             "connect_failures": dict(self.connect_failures), "deliveries": self.deliveries,
             "duplicates": self.duplicates, "errors": dict(self.errors),
             "closes": dict(self.closes), "sent": self.sent, "refused": self.refused,
+            "unconfirmed": self.unconfirmed,
             "first_send_ns": self.first_send_ns, "last_receive_ns": self.last_receive_ns,
         }
 
@@ -140,6 +142,7 @@ class Tally:
         tally.connect = Histogram.from_json(data["connect"])
         tally.latency = Histogram.from_json(data["latency"])
         for name in ("attempted", "connected", "deliveries", "duplicates", "sent", "refused",
+                     "unconfirmed",
                      "first_send_ns", "last_receive_ns"):
             setattr(tally, name, int(data[name]))
         tally.connect_failures = Counter(data["connect_failures"])
@@ -161,4 +164,5 @@ class Tally:
             self.first_send_ns = other.first_send_ns
         self.sent += other.sent
         self.refused += other.refused
+        self.unconfirmed += other.unconfirmed
         self.last_receive_ns = max(self.last_receive_ns, other.last_receive_ns)

@@ -355,7 +355,7 @@ def test_screenshot_of_chat_page(make_page: PageFactory) -> None:
         page.locator("#rooms [data-room=lobby] .room-select").click()
     send(alice, "Morning! Is the 2.4 rollout still on for today?")
     send(bob, "Yes. Canary is green on both replicas, starting the rest at 11.")
-    send(carol, "Load test from last night: p99 fan-out 38 ms at 20k sockets.")
+    send(carol, "I will post the release notes in #deploys when it is done.")
     send(alice, "Great, I'll watch the dashboards. Ping me if Redis latency moves.")
     bob.locator("#rooms [data-room=deploys] .room-select").click()
     send(bob, "2.4.0 canary: 0 errors in 15 min")

@@ -84,8 +84,7 @@ def _services(settings: Settings, given: Broker | None, metrics: Metrics, instan
         chat = ChatService(
             hub,
             broker,
-            Limits(settings.max_rooms, settings.max_text_chars, settings.rate_burst,
-                   settings.presence_event_limit),
+            Limits(settings.max_rooms, settings.max_text_chars, settings.rate_burst),
         )
         auth = await _auth_service(settings, session, broker, metrics)
         app[BROKER] = broker
@@ -108,13 +107,17 @@ def _services(settings: Settings, given: Broker | None, metrics: Metrics, instan
 
 def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
     if not settings.redis_url:
-        return MemoryBroker(history_maxlen=settings.history_maxlen)
+        return MemoryBroker(
+            history_maxlen=settings.history_maxlen,
+            presence_event_limit=settings.presence_event_limit,
+        )
     return RedisBroker(
         settings.redis_url,
         instance=instance,
         prefix=settings.redis_prefix,
         history_maxlen=settings.history_maxlen,
         presence_ttl=settings.presence_ttl,
+        presence_event_limit=settings.presence_event_limit,
         on_reconnect=metrics.redis_reconnects.inc,
         on_listener_restart=metrics.listener_restarts.inc,
     )
@@ -164,7 +167,7 @@ async def _auth_service(
 async def _dev_key(settings: Settings) -> bytes:
     """Every worker and replica must sign with one key: file, else Redis, else a new one."""
     if settings.dev_key_file:
-        return Path(settings.dev_key_file).read_bytes()
+        return Path(settings.dev_key_file).read_bytes()  # noqa: ASYNC240 - one small file, once at start-up
     if not settings.redis_url:
         return new_private_key_pem()
     client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)

@@ -5,6 +5,7 @@ the local Hub to the Broker. Knows nothing of HTTP; the /ws handler feeds it com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from .protocol import (
     message_id_of,
     message_tail,
     parse_client_frame,
+    presence_event,
     text_frame,
 )
 
@@ -43,7 +45,6 @@ class Limits:
     max_rooms: int = 50
     max_text_chars: int = 4000
     flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
-    presence_event_limit: int = 100  # rooms bigger than this send no join/leave events
 
 
 class ChatService:
@@ -125,7 +126,8 @@ class ChatService:
 
     async def publish_as_service(self, service: str, room: str, text: str) -> str:
         """The HTTP publish API: a backend service speaks in a room under its own name."""
-        return await self.broker.publish(room, message_tail(room, service, service, text, _now_ms()))
+        tail = message_tail(room, service, service, text, _now_ms())
+        return await self.broker.publish(room, tail)
 
     async def direct(self, conn: Connection, command: Direct) -> None:
         user = conn.user
@@ -204,7 +206,7 @@ class ChatService:
                 conn.send(greeting)
             await self._replay(conn, room, since, epoch)
         if first:
-            await self._presence(room, conn.member, "join")
+            self._presence(room, conn.member, True)
 
     async def _subscribe(self, room: str, subscribed: asyncio.Future[None]) -> None:
         try:
@@ -237,32 +239,21 @@ class ChatService:
         last_of_user = self.hub.remove(conn, room)
         await self._drop_room_if_empty(room)
         if last_of_user:
-            await self._presence(room, conn.member, "leave")
+            self._presence(room, conn.member, False)
 
     async def _drop_room_if_empty(self, room: str) -> None:
         if self.hub.close_room_if_empty(room):
             await self._quietly(self.broker.unsubscribe_room(room))
 
-    async def _presence(self, room: str, member: Member, event: str) -> None:
-        """Presence is best effort: a broker outage must not fail a join or a leave."""
-        try:
-            if event == "join":
-                changed, size = await self.broker.presence_join(room, member)
-            else:
-                changed, size = await self.broker.presence_leave(room, member)
-            # In a big room every join would be a frame to every member (N^2 on a
-            # reconnect wave): past the limit, clients ask `members` instead.
-            if changed and size <= self.limits.presence_event_limit:
-                payload = {"type": "presence", "room": room, "event": event, "user": member.public()}
-                await self.broker.publish_event(room, encode(payload))
-        except BrokerUnavailable:
-            log.debug("presence %s in %s not recorded: broker unavailable", event, room)
+    def _presence(self, room: str, member: Member, joined: bool) -> None:
+        """Best effort: the broker records it in order with publishes, and says so
+        to the room when the user became present (absent) across every instance."""
+        event = presence_event(room, "join" if joined else "leave", member.public())
+        self.broker.presence(room, member, joined, encode(event))
 
     async def _quietly(self, coro: Any) -> None:
-        try:
+        with contextlib.suppress(BrokerUnavailable):
             await coro
-        except BrokerUnavailable:
-            pass
 
 
 def _published(conn: Connection, ref: str | None, done: asyncio.Future[str]) -> None:

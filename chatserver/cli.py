@@ -84,7 +84,8 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> int:
         try:
             runner.run(serve(settings, reuse_port=reuse_port))
         except OSError as exc:
-            log.error("cannot serve on %s:%s: %s", settings.host, settings.port, exc.strerror or exc)
+            reason = exc.strerror or exc
+            log.error("cannot serve on %s:%s: %s", settings.host, settings.port, reason)
             return 1
     return 0
 

@@ -172,7 +172,8 @@ def _redis_url(value: str | None, name: str) -> str | None:
 def _origins(items: list[str], name: str) -> tuple[str, ...]:
     for origin in items:
         parsed = urlparse(origin)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
+        is_origin = parsed.scheme in ("http", "https") and parsed.path in ("", "/")
+        if not is_origin or not parsed.netloc:
             raise ConfigError(f"{name}: {origin!r} is not an origin like https://chat.example.com")
     return tuple(origin.rstrip("/") for origin in items)
 
@@ -213,7 +214,8 @@ def load_settings(
     port = cli.pop("port", None)
     if port is None:
         port = read.integer("PORT", DEFAULT_PORT, 1, 65535)
-    redis_url = cli.pop("redis_url", None) or read.text("REDIS_URL")
+    cli_redis_url = cli.pop("redis_url", None)
+    redis_url = cli_redis_url or read.text("REDIS_URL")
     token_use = read.text("CHAT_TOKEN_USE", "access")
     if token_use not in ("access", "id"):
         raise ConfigError(f"CHAT_TOKEN_USE={token_use!r}: expected access or id")
@@ -223,7 +225,7 @@ def load_settings(
 
     settings = Settings(
         port=int(port),  # type: ignore[call-overload]
-        redis_url=_redis_url(redis_url, "--redis-url" if (overrides or {}).get("redis_url") else "REDIS_URL"),
+        redis_url=_redis_url(redis_url, "--redis-url" if cli_redis_url else "REDIS_URL"),
         redis_prefix=read.text("CHAT_REDIS_PREFIX", "chat:") or "chat:",
         aws_region=read.text("AWS_REGION", "us-east-1") or "us-east-1",
         cognito_pool_id=read.text("AWS_COGNITO_USER_POOL_ID"),

@@ -48,6 +48,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.users: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
+        self.emptied = asyncio.Event()  # set while no connection is registered
+        self.emptied.set()
         self._on_delivered = on_delivered or (lambda n: None)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -121,6 +123,7 @@ class Hub:
     def register(self, conn: Connection) -> bool:
         """Add a connection; True when it is its user's first here (subscribe the user)."""
         self.connections.add(conn)
+        self.emptied.clear()
         conns = self.users.setdefault(conn.user.sub, set())
         conns.add(conn)
         return len(conns) == 1
@@ -128,6 +131,8 @@ class Hub:
     def unregister(self, conn: Connection) -> bool:
         """Remove a connection; True when its user has no connection left here."""
         self.connections.discard(conn)
+        if not self.connections:
+            self.emptied.set()
         conns = self.users.get(conn.user.sub)
         if conns is None:
             return False

@@ -44,7 +44,9 @@ class Metrics:
             "chatserver_messages_in", "Messages accepted from clients", registry=reg
         )
         self.messages_out = Counter(
-            "chatserver_messages_out", "Frames delivered to clients (one per recipient)", registry=reg
+            "chatserver_messages_out",
+            "Frames delivered to clients (one per recipient)",
+            registry=reg,
         )
         self.auth_failures = Counter(
             "chatserver_auth_failures", "Refused upgrades and sign-ins", ["reason"], registry=reg
@@ -53,7 +55,9 @@ class Metrics:
             "chatserver_closes", "Server-initiated closes by code", ["code"], registry=reg
         )
         self.slow_consumers = Counter(
-            "chatserver_slow_consumer_closes", "Clients closed 1013 for a full backlog", registry=reg
+            "chatserver_slow_consumer_closes",
+            "Clients closed 1013 for a full backlog",
+            registry=reg,
         )
         self.redis_reconnects = Counter(
             "chatserver_redis_reconnects", "Redis pub/sub reconnect attempts", registry=reg

@@ -178,6 +178,10 @@ def error_event(
     return event
 
 
+def presence_event(room: str, event: str, user: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "presence", "room": room, "event": event, "user": user}
+
+
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented RFC 6455 text frame, ready for transport.write().
 

@@ -8,6 +8,7 @@ backlog, aborts the transport after a bound so a stalled client cannot pin memor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -199,6 +200,5 @@ async def close_all(ctx: WsContext, code: int, reason: str, grace: float) -> Non
     """Kick every connection and wait (bounded) until their handlers are done."""
     for conn in list(ctx.chat.hub.connections):
         conn.kick(code, reason)
-    deadline = asyncio.get_running_loop().time() + grace
-    while ctx.chat.hub.connections and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(ctx.chat.hub.emptied.wait(), grace)

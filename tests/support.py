@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import contextlib
 
 ROOT = Path(__file__).resolve().parent.parent
 # Timing constants in tests scale with this, so a slow CI machine is not flaky.
@@ -186,10 +187,8 @@ class ServerProcess:
         if self.proc is not None:
             stop_process(self.proc)
             # workers are in the command's session; none may outlive the test
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def base_env(extra: dict[str, str]) -> dict[str, str]:

@@ -252,3 +252,33 @@ def frame_length(buf: bytes) -> int:
     if len(buf) < header:
         return header
     return header + payload_length(buf)
+
+
+async def test_metrics_sum_over_workers(make_server: Callable[..., ServerProcess], redis_url: str,
+                                        sessions: list[aiohttp.ClientSession]) -> None:
+    """/metrics on any worker counts the connections and messages of all workers."""
+    # no presence events: every frame delivered here is a chat message
+    server = make_server(workers=2, redis_url=redis_url, env={"CHAT_PRESENCE_EVENT_LIMIT": "0"})
+    a, b = await connect_on_distinct_instances(server, sessions)
+    await a.ws.send_json({"message": "first"})
+    for placed in (a, b):
+        await receive_until(placed.ws, of_type("message"))
+    before = sample(await metrics(server))
+    await b.ws.send_json({"message": "counted"})
+    for placed in (a, b):
+        await receive_until(placed.ws, of_type("message"))
+    for _ in range(4):  # each scrape lands on either worker; every answer is the total
+        after = sample(await metrics(server))
+        assert after["chatserver_connections"] == 2
+        assert after["chatserver_messages_in_total"] - before["chatserver_messages_in_total"] == 1
+        assert after["chatserver_messages_out_total"] - before["chatserver_messages_out_total"] == 2
+
+
+def sample(text: str) -> dict[str, float]:
+    """The unlabelled series of a Prometheus text page."""
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            values[name] = float(value)
+    return values

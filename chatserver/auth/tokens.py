@@ -8,6 +8,7 @@ audience or client id. The JWKS fetch is handed in, so this module does no I/O i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import OrderedDict
@@ -192,10 +193,8 @@ class TokenVerifier:
 
     async def prefetch(self) -> None:
         """Warm the key cache at start-up; a failure here is retried on first use."""
-        try:
+        with contextlib.suppress(KeysUnavailable):
             await self._refresh()
-        except KeysUnavailable:
-            pass
 
 
 def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:

@@ -142,7 +142,9 @@ class AuthRoutes:
             return error(400, "bad_request", "username or password too long")
         if await self._too_many(client_ip(request, self.settings), username):
             self.auth.metrics.auth_failures.labels("login_rate").inc()
-            return error(429, "rate_limited", "too many sign-in attempts; wait a minute")
+            response = error(429, "rate_limited", "too many sign-in attempts; wait a minute")
+            response.headers["Retry-After"] = str(LOGIN_WINDOW - int(time.time()) % LOGIN_WINDOW)
+            return response
         if self.auth.dev is not None:
             return await self._dev_login(username, password)
         return await self._cognito_login(username, password)

@@ -101,12 +101,11 @@ class Broker(abc.ABC):
     async def history(self, room: str, since: str, epoch: str | None) -> Replay: ...
 
     @abc.abstractmethod
-    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
-        """Mark the member present here: (no other instance had them, entries in the room)."""
-
-    @abc.abstractmethod
-    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
-        """Mark the member gone here: (no instance still has them, entries left)."""
+    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
+        """Record that a member's first connection here joined the room (or its last one
+        left). When that makes them present (or absent) across all instances and the room
+        has at most the event limit of members, `event` is broadcast to the room. Best
+        effort, in order with publishes; returns at once."""
 
     @abc.abstractmethod
     async def members(self, room: str) -> list[Member]: ...

@@ -34,9 +34,10 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, *, history_maxlen: int = 1000) -> None:
+    def __init__(self, *, history_maxlen: int = 1000, presence_event_limit: int = 100) -> None:
         super().__init__()
         self._maxlen = history_maxlen
+        self._event_limit = presence_event_limit
         self._streams: dict[str, _Stream] = {}
         self._rooms: set[str] = set()
         self._users: set[str] = set()
@@ -102,22 +103,18 @@ class MemoryBroker(Broker):
         frames = [frame for key, frame in stream.entries if key > after]
         return Replay(frames, same_epoch and after >= stream.max_deleted, stream.epoch)
 
-    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
+    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
         here = self._presence[room]
-        here[member] = here.get(member, 0) + 1
-        return here[member] == 1, len(here)
-
-    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
-        here = self._presence[room]
-        left = here.get(member, 0) - 1
-        if left > 0:
-            here[member] = left
-            return False, len(here)
-        here.pop(member, None)
-        size = len(here)
+        count = here.get(member, 0) + (1 if joined else -1)
+        if count > 0:
+            here[member] = count
+        else:
+            here.pop(member, None)
+        changed = count == 1 if joined else count <= 0
+        if changed and len(here) <= self._event_limit and room in self._rooms:
+            self.on_room(room, event)
         if not here:
             del self._presence[room]
-        return True, size
 
     async def members(self, room: str) -> list[Member]:
         return sorted(self._presence.get(room, {}), key=lambda m: m.username)

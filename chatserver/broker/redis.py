@@ -9,6 +9,7 @@ the room's stream after the last id it delivered, so a Redis blip loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -22,7 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from ..protocol import encode, message_frame, message_id_of, parse_id
+from ..protocol import encode, message_frame, message_id_of, parse_id, presence_event
 from .base import Broker, BrokerUnavailable, Member, Replay
 
 log = logging.getLogger(__name__)
@@ -53,23 +54,31 @@ local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', ARGV[2
 return {epoch, maxdel, entries}
 """
 
+# Presence: a sorted set of "sub\tinstance\tusername" scored by expiry, and a hash
+# sub -> number of instances that have the user, so "first/last anywhere" is O(1).
+# KEYS: entries, users, room channel. The event is published here, in the same call.
 PRESENCE_JOIN_LUA = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
-for _, m in ipairs(live) do
-  if m ~= ARGV[1] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then return {0, #live} end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then
+  local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if n == 1 and redis.call('HLEN', KEYS[2]) <= tonumber(ARGV[5]) then
+    redis.call('PUBLISH', KEYS[3], ARGV[6])
+  end
 end
-return {1, #live}
+return 0
 """
 
 PRESENCE_LEAVE_LUA = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
-for _, m in ipairs(live) do
-  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return {0, #live} end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+    if redis.call('HLEN', KEYS[2]) < tonumber(ARGV[3]) then
+      redis.call('PUBLISH', KEYS[3], ARGV[4])
+    end
+  end
 end
-return {1, #live}
+return 0
 """
 
 # Removes expired entries (a dead instance's members) and returns those whose user is
@@ -78,15 +87,13 @@ PRESENCE_SWEEP_LUA = """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 if #gone == 0 then return {} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 local out = {}
 for _, g in ipairs(gone) do
-  local p = string.match(g, '^[^\\t]*\\t')
-  local still = false
-  for _, m in ipairs(live) do
-    if p and string.sub(m, 1, #p) == p then still = true break end
+  local sub = string.match(g, '^[^\t]*')
+  if redis.call('HINCRBY', KEYS[2], sub, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], sub)
+    table.insert(out, g)
   end
-  if not still then table.insert(out, g) end
 end
 return out
 """
@@ -108,6 +115,7 @@ class RedisBroker(Broker):
         prefix: str = "chat:",
         history_maxlen: int = 1000,
         presence_ttl: float = 30.0,
+        presence_event_limit: int = 100,
         on_reconnect: Callable[[], None] | None = None,
         on_listener_restart: Callable[[], None] | None = None,
     ) -> None:
@@ -117,6 +125,7 @@ class RedisBroker(Broker):
         self._prefix = prefix
         self._maxlen = history_maxlen
         self._presence_ttl = presence_ttl
+        self._event_limit = presence_event_limit
         self._on_reconnect = on_reconnect or _nothing
         self._on_listener_restart = on_listener_restart or _nothing
         # Commands: a bounded pool (a burst of joins queues instead of opening hundreds
@@ -152,8 +161,12 @@ class RedisBroker(Broker):
         self._backoff = MIN_BACKOFF
         self._closing = False
         self._listener: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[str, bytes, asyncio.Future[str]]] = []
+        # Scripts waiting for the next pipeline: publishes (with a future) and presence
+        # changes (fire and forget), sent in order, one batch in flight at a time.
+        self._outbox: list[tuple[Any, list[str], list[Any], asyncio.Future[str] | None]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._subscriptions: dict[str, bool] = {}  # channel -> subscribe, not yet sent
+        self._subscriber: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ keys
@@ -191,17 +204,18 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         self._closing = True
-        tasks = (self._listener, self._presence_task, self._sender)
+        self._drop_local_presence()
+        if self._sender is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._sender), 2)
+        tasks = (self._listener, self._presence_task, self._sender, self._subscriber)
         for task in tasks:
             if task is not None:
                 task.cancel()
         for task in tasks:
             if task is not None:
-                try:
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await task
-                except (asyncio.CancelledError, RedisError, OSError):
-                    pass
-        await self._drop_local_presence()
         await self._redis.aclose()
         await self._sub_redis.aclose()
 
@@ -295,22 +309,31 @@ class RedisBroker(Broker):
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            try:
+            with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
-            except (RedisError, OSError):
-                pass
 
-    async def _send_subscription(self, subscribe: bool, channel: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is None or not self._connected:
-            return  # the listener subscribes everything wanted when it reconnects
-        try:
-            if subscribe:
-                await pubsub.subscribe(channel)
-            else:
-                await pubsub.unsubscribe(channel)
-        except (RedisError, OSError):
-            pass  # the listener sees the same failure and resubscribes
+    def _subscription(self, subscribe: bool, channel: str) -> None:
+        """Queue a (un)subscribe; those of one loop pass go out as one command each way."""
+        self._subscriptions[channel] = subscribe
+        if self._subscriber is None or self._subscriber.done():
+            self._subscriber = asyncio.create_task(self._send_subscriptions())
+
+    async def _send_subscriptions(self) -> None:
+        await asyncio.sleep(0)
+        while self._subscriptions:
+            changes, self._subscriptions = self._subscriptions, {}
+            pubsub = self._pubsub
+            if pubsub is None or not self._connected:
+                return  # the listener subscribes everything wanted when it reconnects
+            on = [channel for channel, wanted in changes.items() if wanted]
+            off = [channel for channel, wanted in changes.items() if not wanted]
+            try:
+                if on:
+                    await pubsub.subscribe(*on)
+                if off:
+                    await pubsub.unsubscribe(*off)
+            except (RedisError, OSError):
+                return  # the listener sees the same failure and resubscribes
 
     # ------------------------------------------------------------ operations
 
@@ -325,30 +348,33 @@ class RedisBroker(Broker):
         if len(self._outbox) >= MAX_OUTBOX:
             future.set_exception(BrokerUnavailable("too many publishes waiting for redis"))
             return future
-        self._outbox.append((room, tail, future))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_outbox(), name="redis-publisher")
+        keys = [self._stream_key(room), self._room_channel(room), self._epoch_key(room)]
+        self._enqueue(self._publish, keys, [self._maxlen, tail, uuid.uuid4().hex], future)
         return future
 
+    def _enqueue(self, script: Any, keys: list[str], args: list[Any],
+                 future: asyncio.Future[str] | None) -> None:
+        self._outbox.append((script, keys, args, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_outbox(), name="redis-sender")
+
     async def _send_outbox(self) -> None:
-        """One pipeline of publishes in flight at a time: one round trip per batch, and
-        batches (so each client's messages) reach Redis in order."""
-        await asyncio.sleep(0)  # let this loop pass add its publishes to the batch
+        """One pipeline in flight at a time: one round trip per batch, and batches (so
+        each client's messages) reach Redis in order."""
+        await asyncio.sleep(0)  # let this loop pass add to the batch
         while self._outbox:
             batch, self._outbox = self._outbox[:PUBLISH_BATCH], self._outbox[PUBLISH_BATCH:]
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for room, tail, _ in batch:
-                        keys = [self._stream_key(room), self._room_channel(room),
-                                self._epoch_key(room)]
-                        await self._publish(  # queued on the pipeline, sent by execute()
-                            keys=keys, args=[self._maxlen, tail, uuid.uuid4().hex], client=pipe
-                        )
-                    ids = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                ids = [BrokerUnavailable(f"redis publish failed: {type(exc).__name__}")] * len(batch)
-            for (_, _, future), result in zip(batch, ids, strict=True):
-                if future.done():
+                    for script, keys, args, _ in batch:
+                        # queued on the pipeline, sent by execute()
+                        await script(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except (TimeoutError, RedisError, OSError) as exc:
+                failure = BrokerUnavailable(f"redis publish failed: {type(exc).__name__}")
+                results = [failure] * len(batch)
+            for (_, _, _, future), result in zip(batch, results, strict=True):
+                if future is None or future.done():
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(BrokerUnavailable(f"redis publish failed: {result}"))
@@ -370,22 +396,22 @@ class RedisBroker(Broker):
         if room in self._rooms:
             return
         self._rooms[room] = parse_id(newest[0][0].decode()) if newest else (0, 0)
-        await self._send_subscription(True, self._room_channel(room))
+        self._subscription(True, self._room_channel(room))
 
     async def unsubscribe_room(self, room: str) -> None:
         self._epochs.pop(room, None)
         if self._rooms.pop(room, None) is not None:
-            await self._send_subscription(False, self._room_channel(room))
+            self._subscription(False, self._room_channel(room))
 
     async def subscribe_user(self, sub: str) -> None:
         if sub not in self._users:
             self._users.add(sub)
-            await self._send_subscription(True, self._user_channel(sub))
+            self._subscription(True, self._user_channel(sub))
 
     async def unsubscribe_user(self, sub: str) -> None:
         if sub in self._users:
             self._users.discard(sub)
-            await self._send_subscription(False, self._user_channel(sub))
+            self._subscription(False, self._user_channel(sub))
 
     def position(self, room: str) -> tuple[int, int] | None:
         return self._rooms.get(room)
@@ -412,7 +438,9 @@ class RedisBroker(Broker):
             "history", self._history(keys=keys, args=args)
         )
         current = current.decode()
-        frames = [message_frame(eid.decode(), dict(_pairs(fields))[b"t"]) for eid, fields in entries]
+        frames = [
+            message_frame(eid.decode(), dict(_pairs(fields))[b"t"]) for eid, fields in entries
+        ]
         complete = epoch == current and parse_id(since) >= parse_id(max_deleted.decode())
         return Replay(frames, complete, current)
 
@@ -431,36 +459,27 @@ class RedisBroker(Broker):
         username = member.username.replace("\t", " ")
         return f"{member.sub}\t{self._instance}\t{username}"
 
-    async def presence_join(self, room: str, member: Member) -> tuple[bool, int]:
-        here = self._present.setdefault(room, {})
-        here[member] = here.get(member, 0) + 1
-        now = time.time()
-        args = [
-            self._member_key(member),
-            now + self._presence_ttl,
-            now,
-            f"{member.sub}\t",
-            int(self._presence_ttl * 4),
-        ]
-        first, size = await self._call(
-            "presence", self._presence_join(keys=[self._presence_key(room)], args=args)
-        )
-        return bool(first), int(size)
+    def _presence_keys(self, room: str) -> list[str]:
+        return [self._presence_key(room), f"{self._prefix}present:{room}",
+                self._room_channel(room)]
 
-    async def presence_leave(self, room: str, member: Member) -> tuple[bool, int]:
-        here = self._present.get(room, {})
-        count = here.get(member, 0) - 1
+    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
+        here = self._present.setdefault(room, {})
+        count = here.get(member, 0) + (1 if joined else -1)
         if count > 0:
             here[member] = count
-            return False, 0
-        here.pop(member, None)
-        if not here:
-            self._present.pop(room, None)
-        args = [self._member_key(member), time.time(), f"{member.sub}\t"]
-        gone, size = await self._call(
-            "presence", self._presence_leave(keys=[self._presence_key(room)], args=args)
-        )
-        return bool(gone), int(size)
+        else:
+            here.pop(member, None)
+            if not here:
+                del self._present[room]
+        if joined and count == 1:
+            ttl = int(self._presence_ttl * 4)
+            args = [self._member_key(member), time.time() + self._presence_ttl, member.sub, ttl,
+                    self._event_limit, event]
+            self._enqueue(self._presence_join, self._presence_keys(room), args, None)
+        elif not joined and count <= 0:
+            args = [self._member_key(member), member.sub, self._event_limit, event]
+            self._enqueue(self._presence_leave, self._presence_keys(room), args, None)
 
     async def members(self, room: str) -> list[Member]:
         raw = await self._call(
@@ -486,27 +505,26 @@ class RedisBroker(Broker):
         async with self._redis.pipeline(transaction=False) as pipe:
             for room, here in self._present.items():
                 key = self._presence_key(room)
-                pipe.zadd(key, {self._member_key(m): now + self._presence_ttl for m in here})
+                expiry = now + self._presence_ttl
+                pipe.zadd(key, {self._member_key(m): expiry for m in here}, xx=True)
                 pipe.expire(key, int(self._presence_ttl * 4))
             await pipe.execute()
         for room in list(self._rooms):
-            gone = await self._presence_sweep(keys=[self._presence_key(room)], args=[now])
+            keys = self._presence_keys(room)[:2]
+            gone = await self._presence_sweep(keys=keys, args=[now])
             for item in gone:
                 sub, _, rest = item.decode().partition("\t")
                 member = Member(sub, rest.partition("\t")[2])
-                event = {"type": "presence", "room": room, "event": "leave", "user": member.public()}
+                event = presence_event(room, "leave", member.public())
                 await self.publish_event(room, encode(event))
 
-    async def _drop_local_presence(self) -> None:
-        """On a clean shutdown, remove this worker's members at once."""
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for room, here in self._present.items():
-                    pipe.zrem(self._presence_key(room), *(self._member_key(m) for m in here))
-                await pipe.execute()
-        except (TimeoutError, RedisError, OSError):
-            pass
-        self._present.clear()
+    def _drop_local_presence(self) -> None:
+        """On a clean shutdown, this worker's members leave at once (events included)."""
+        for room, here in list(self._present.items()):
+            for member in list(here):
+                event = encode(presence_event(room, "leave", member.public()))
+                here[member] = 1
+                self.presence(room, member, False, event)
 
 
 def _pairs(fields: Any) -> list[tuple[bytes, bytes]]:

@@ -197,9 +197,10 @@ class ChatService:
             return
         if since is None:
             first = self.hub.add(conn, room)
-            if greeting is not None:
-                conn.send(greeting)
-            conn.send({"type": "joined", "room": room, "epoch": current})
+            joined = text_frame(encode({"type": "joined", "room": room, "epoch": current}))
+            if greeting is not None:  # one write for both frames
+                joined = text_frame(encode(greeting)) + joined
+            conn.write(joined)
         else:
             first = self.hub.add_replaying(conn, room)
             if greeting is not None:

@@ -8,12 +8,15 @@ audience or client id. The JWKS fetch is handed in, so this module does no I/O i
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -44,7 +47,6 @@ class User:
     email: str | None = None
     groups: tuple[str, ...] = ()
     exp: float = 0.0
-    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def public(self) -> dict[str, Any]:
         """What other users and the browser may see of this user."""
@@ -66,7 +68,6 @@ def user_from_claims(claims: dict[str, Any]) -> User:
         email=str(email) if email else None,
         groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
         exp=float(claims["exp"]),
-        claims=claims,
     )
 
 
@@ -97,22 +98,21 @@ class TokenVerifier:
         self._penalty_until = 0.0
         self._fetched_once = False
         # Verified tokens until their exp: a reconnect with the same cookie costs no RSA.
-        self._cache: OrderedDict[str, User] = OrderedDict()
+        # Keyed by the token's digest: 32 bytes a connection, not the whole JWT.
+        self._cache: OrderedDict[bytes, User] = OrderedDict()
         self._cache_size = cache_size
 
     async def verify(self, token: str | None) -> User:
         if not token:
             raise TokenError("missing", "no authToken cookie")
         now = self._clock()
-        cached = self._cache.get(token)
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
         if cached is not None:
             if cached.exp + self._leeway > now:
                 return cached
-            del self._cache[token]
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise TokenError("malformed", "token is not a JWT") from None
+            del self._cache[digest]
+        header = _header(token)
         if header.get("alg") != "RS256":
             raise TokenError("bad_algorithm", "only RS256 is accepted")
         kid = header.get("kid")
@@ -120,7 +120,7 @@ class TokenVerifier:
             raise TokenError("missing_kid", "token has no kid")
         key = await self._key(kid)
         user = user_from_claims(self._decode(token, key))
-        self._cache[token] = user
+        self._cache[digest] = user
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return user
@@ -195,6 +195,19 @@ class TokenVerifier:
         """Warm the key cache at start-up; a failure here is retried on first use."""
         with contextlib.suppress(KeysUnavailable):
             await self._refresh()
+
+
+def _header(token: str) -> dict[str, Any]:
+    """The JOSE header, read only to pick the key; PyJWT then checks everything, the
+    header included. (PyJWT's own get_unverified_header decodes the whole token again.)"""
+    segment = token.partition(".")[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error):
+        raise TokenError("malformed", "token is not a JWT") from None
+    if not isinstance(header, dict) or token.count(".") != 2:
+        raise TokenError("malformed", "token is not a JWT")
+    return header
 
 
 def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:

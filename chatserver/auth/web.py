@@ -211,8 +211,9 @@ class AuthRoutes:
         response = web.json_response({"user": user.public()})
         self._set_auth_cookie(response, token, user)
         if refresh_token:
-            cognito_name = str(user.claims.get("username") or user.claims.get("cognito:username"))
-            packed = base64.urlsafe_b64encode(cognito_name.encode()).decode() + "." + refresh_token
+            # user.username is Cognito's own name for the user (the token's username or
+            # cognito:username), which the refresh SECRET_HASH needs; not what was typed.
+            packed = base64.urlsafe_b64encode(user.username.encode()).decode() + "." + refresh_token
             self._set_cookie(response, REFRESH_COOKIE, packed, "/auth", COGNITO_REFRESH_MAX_AGE)
         return response
 

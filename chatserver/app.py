@@ -5,6 +5,7 @@ open and close in cleanup_ctx, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from .api import PublishApi
 from .auth.cognito import CognitoClient, fetch_json
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
 from .auth.tokens import TokenVerifier
-from .auth.web import AuthRoutes, AuthService, make_middleware
+from .auth.web import AuthGate, AuthRoutes, AuthService
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
@@ -26,7 +27,7 @@ from .chat import ChatService, Limits
 from .config import Settings
 from .hub import Hub
 from .observability import Metrics, healthz_handler, metrics_handler, readyz_handler
-from .ws import Closer, WsContext, close_all, handle_ws, instance_name
+from .ws import Closer, WsContext, WsEndpoint, close_all, instance_name, watch_expiry
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ AUTH = web.AppKey("chatserver.auth", AuthService)
 WS = web.AppKey("chatserver.ws", WsContext)
 API = web.AppKey("chatserver.api", PublishApi)
 AUTH_ROUTES = web.AppKey("chatserver.auth_routes", AuthRoutes)
-AUTH_CHECK = web.AppKey("chatserver.auth_check", object)
 
 # No inline script or style anywhere; the page talks only to its own origin.
 CSP = (
@@ -49,19 +49,20 @@ def create_app(
     settings: Settings, *, broker: Broker | None = None, metrics: Metrics | None = None
 ) -> web.Application:
     metrics = metrics or Metrics()
+    gate, endpoint = AuthGate(), WsEndpoint()
     app = web.Application(
-        middlewares=[_auth_middleware], client_max_size=settings.max_message_bytes
+        middlewares=[gate.middleware], client_max_size=settings.max_message_bytes
     )
     app[SETTINGS] = settings
     instance = instance_name()
-    app.cleanup_ctx.append(_services(settings, broker, metrics, instance))
+    app.cleanup_ctx.append(_services(settings, broker, metrics, instance, gate, endpoint))
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(_security_headers)
 
     app.router.add_get("/healthz", healthz_handler(instance))
     app.router.add_get("/readyz", readyz_handler(_ready))
     app.router.add_get("/metrics", metrics_handler(metrics))
-    app.router.add_get("/ws", _ws)
+    app.router.add_get("/ws", endpoint.handle)
     app.router.add_post("/api/rooms/{room}/messages", _api_publish)
     for method, path in (("POST", "/auth/login"), ("POST", "/auth/refresh"),
                          ("GET", "/auth/me"), ("POST", "/auth/logout")):
@@ -73,7 +74,10 @@ def create_app(
     return app
 
 
-def _services(settings: Settings, given: Broker | None, metrics: Metrics, instance: str):  # type: ignore[no-untyped-def]
+def _services(  # type: ignore[no-untyped-def]
+    settings: Settings, given: Broker | None, metrics: Metrics, instance: str,
+    gate: AuthGate, endpoint: WsEndpoint,
+):
     async def services(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession()
         broker = given or _make_broker(settings, instance, metrics)
@@ -94,11 +98,16 @@ def _services(settings: Settings, given: Broker | None, metrics: Metrics, instan
         )
         app[API] = PublishApi(chat, settings.api_keys, settings.max_text_chars)
         app[AUTH_ROUTES] = AuthRoutes(auth, chat.sign_out)
-        app[AUTH_CHECK] = make_middleware(auth)
+        gate.auth = auth
+        endpoint.ctx = app[WS]
         await auth.verifier.prefetch()
+        expiry = asyncio.create_task(watch_expiry(app[WS]), name="token-expiry")
         try:
             yield
         finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
             await broker.close()
             await session.close()
 
@@ -190,10 +199,6 @@ async def _dev_key(settings: Settings) -> bytes:
 # ------------------------------------------------------------------ handlers
 
 
-async def _ws(request: web.Request) -> web.StreamResponse:
-    return await handle_ws(request, request.app[WS])
-
-
 async def _api_publish(request: web.Request) -> web.StreamResponse:
     return await request.app[API].publish(request)
 
@@ -209,14 +214,6 @@ async def _auth_route(request: web.Request) -> web.StreamResponse:
     return await handler(request)
 
 
-@web.middleware
-async def _auth_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    check = request.app.get(AUTH_CHECK)
-    if check is None:  # still starting up
-        return await handler(request)
-    return await check(request, handler)  # type: ignore[operator]
-
-
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(Path(request.app[SETTINGS].static_dir) / "index.html")
 
@@ -230,6 +227,8 @@ def _ready(app: web.Application) -> tuple[bool, str]:
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, web.WebSocketResponse):
+        return  # a 101 needs none, and its headers live as long as the socket
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")

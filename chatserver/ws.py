@@ -78,41 +78,50 @@ class WsContext:
     draining: asyncio.Event
 
 
-async def handle_ws(request: web.Request, ctx: WsContext) -> web.WebSocketResponse:
-    settings = ctx.settings
-    ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat or None,
-        max_msg_size=settings.max_message_bytes,
-        compress=settings.compress,
-        timeout=CLOSE_HANDSHAKE_TIMEOUT,
-    )
-    await ws.prepare(request)
-    user: User | None = request.get(USER)
-    if user is None:
-        code, reason = request.get(AUTH_FAILURE, (CLOSE_POLICY, "not signed in"))
-        log.info("refused upgrade from %s: %s", request.remote, reason)
-        await ws.close(code=code, message=reason.encode())
+class WsEndpoint:
+    """The /ws route. Built with the app; its context arrives at start-up. (A bound
+    method, not a wrapper function: every frame on an idle socket's stack is memory.)"""
+
+    def __init__(self) -> None:
+        self.ctx: WsContext | None = None
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ctx = self.ctx
+        assert ctx is not None
+        settings = ctx.settings
+        ws = web.WebSocketResponse(
+            heartbeat=settings.heartbeat or None,
+            max_msg_size=settings.max_message_bytes,
+            compress=settings.compress,
+            timeout=CLOSE_HANDSHAKE_TIMEOUT,
+        )
+        await ws.prepare(request)
+        user: User | None = request.get(USER)
+        if user is None:
+            code, reason = request.get(AUTH_FAILURE, (CLOSE_POLICY, "not signed in"))
+            log.info("refused upgrade from %s: %s", request.remote, reason)
+            await ws.close(code=code, message=reason.encode())
+            return ws
+        refusal = _refusal(ctx, user)
+        if refusal:
+            await ws.close(code=CLOSE_TRY_LATER, message=refusal.encode())
+            return ws
+        transport = request.transport
+        assert transport is not None
+        conn = Connection(
+            ws,
+            transport,
+            user,
+            backlog_limit=settings.backlog_bytes,
+            rate=settings.rate_per_second,
+            burst=settings.rate_burst,
+            on_kick=ctx.closer,
+        )
+        try:
+            await _serve(request, ctx, conn)
+        finally:
+            ctx.metrics.connections.dec()
         return ws
-    refusal = _refusal(ctx, user)
-    if refusal:
-        await ws.close(code=CLOSE_TRY_LATER, message=refusal.encode())
-        return ws
-    transport = request.transport
-    assert transport is not None
-    conn = Connection(
-        ws,
-        transport,
-        user,
-        backlog_limit=settings.backlog_bytes,
-        rate=settings.rate_per_second,
-        burst=settings.rate_burst,
-        on_kick=ctx.closer,
-    )
-    try:
-        await _serve(request, ctx, conn)
-    finally:
-        ctx.metrics.connections.dec()
-    return ws
 
 
 def _refusal(ctx: WsContext, user: User) -> str | None:
@@ -145,15 +154,29 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
         return
     if bad_resume:
         conn.send(error_event(BAD_REQUEST, "since must be a message id; joined without resume"))
-    expiry = asyncio.get_running_loop().call_later(
-        max(0.0, conn.user.exp + ctx.settings.token_leeway - time.time()),
-        conn.kick,
-        CLOSE_TOKEN_EXPIRED,
-        "token expired",
-    )
     log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, ctx.instance)
+    task = asyncio.current_task()
+    assert task is not None
     try:
-        await _read_loop(ctx, conn)
+        # The read loop (inline: one coroutine frame less per idle socket). A kick
+        # cancels the pending receive(), and only that: conn.reader is set around it.
+        while not conn.closed:
+            conn.reader = task
+            try:
+                msg = await conn.ws.receive()
+            except asyncio.CancelledError:
+                conn.reader = None
+                if conn.closed and task.uncancel() == 0:
+                    break  # kicked: our close handshake follows
+                raise
+            conn.reader = None
+            if msg.type == WSMsgType.TEXT:
+                ctx.metrics.messages_in.inc()
+                await ctx.chat.handle_text(conn, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
+            else:
+                break  # close, closing, closed or error: the socket is done
         if conn.closed:
             # Our close handshake: send the code, wait (bounded) for the peer's answer.
             await conn.ws.close(
@@ -162,7 +185,6 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
                 drain=False,
             )
     finally:
-        expiry.cancel()
         await ctx.chat.disconnect(conn)
         code = conn.close_code or conn.ws.close_code
         reason = conn.close_reason or ("client closed" if conn.close_code is None else "")
@@ -172,28 +194,15 @@ async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None
         )
 
 
-async def _read_loop(ctx: WsContext, conn: Connection) -> None:
-    """Read frames until the peer closes or the connection is kicked. A kick cancels the
-    pending receive() (only that: conn.reader is set just around it)."""
-    task = asyncio.current_task()
-    assert task is not None
-    while not conn.closed:
-        conn.reader = task
-        try:
-            msg = await conn.ws.receive()
-        except asyncio.CancelledError:
-            conn.reader = None
-            if conn.closed and task.uncancel() == 0:
-                return  # kicked: the caller runs the close handshake
-            raise
-        conn.reader = None
-        if msg.type == WSMsgType.TEXT:
-            ctx.metrics.messages_in.inc()
-            await ctx.chat.handle_text(conn, msg.data)
-        elif msg.type == WSMsgType.BINARY:
-            conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
-        else:
-            return  # close, closing, closed or error: the socket is done
+async def watch_expiry(ctx: WsContext, every: float = 1.0) -> None:
+    """Close sockets whose token expired (4001), sweeping once a second: one task per
+    worker instead of a timer per connection (memory per idle socket is what counts)."""
+    leeway = ctx.settings.token_leeway
+    while True:
+        await asyncio.sleep(every)
+        now = time.time()
+        for conn in [c for c in ctx.chat.hub.connections if c.user.exp + leeway <= now]:
+            conn.kick(CLOSE_TOKEN_EXPIRED, "token expired")
 
 
 async def close_all(ctx: WsContext, code: int, reason: str, grace: float) -> None:

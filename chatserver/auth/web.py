@@ -77,13 +77,19 @@ def _trusted(address: str, settings: Settings) -> bool:
     return any(ip in net for net in settings.trusted_proxies)
 
 
-def make_middleware(auth: AuthService) -> Any:
-    settings = auth.settings
+class AuthGate:
+    """The auth middleware. Built with the app; its AuthService arrives at start-up."""
+
+    def __init__(self) -> None:
+        self.auth: AuthService | None = None
 
     @web.middleware
-    async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        auth = self.auth
+        if auth is None:  # still starting up: nothing is routed yet
+            return await handler(request)  # type: ignore[no-any-return]
         if request.path == "/ws":
-            if not origin_allowed(request, settings):
+            if not origin_allowed(request, auth.settings):
                 auth.metrics.auth_failures.labels("origin").inc()
                 return error(403, "forbidden", "origin not allowed")
             try:
@@ -96,13 +102,11 @@ def make_middleware(auth: AuthService) -> Any:
                 request[AUTH_FAILURE] = _refusal(exc)
         elif request.method == "POST" and request.path.startswith("/auth/"):
             # CSRF: a cookie-authenticated POST must come from our page, as JSON.
-            if not origin_allowed(request, settings):
+            if not origin_allowed(request, auth.settings):
                 return error(403, "forbidden", "origin not allowed")
             if request.content_type != "application/json":
                 return error(403, "forbidden", "Content-Type must be application/json")
-        return await handler(request)
-
-    return auth_middleware
+        return await handler(request)  # type: ignore[no-any-return]
 
 
 def _refusal(exc: TokenError) -> tuple[int, str]:

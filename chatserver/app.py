@@ -185,8 +185,8 @@ async def _dev_key(settings: Settings) -> bytes:
         for attempt in range(20):
             try:
                 await client.set(key, new_private_key_pem(), nx=True)
-                stored: bytes | None = await client.get(key)
-                if stored:
+                stored = await client.get(key)
+                if isinstance(stored, bytes):
                     return stored
             except (RedisError, OSError) as exc:
                 log.warning("waiting for redis to share the dev key (%s)", type(exc).__name__)

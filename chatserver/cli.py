@@ -222,4 +222,4 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, metrics_dir)
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]

@@ -215,7 +215,7 @@ def load_settings(
     if port is None:
         port = read.integer("PORT", DEFAULT_PORT, 1, 65535)
     cli_redis_url = cli.pop("redis_url", None)
-    redis_url = cli_redis_url or read.text("REDIS_URL")
+    redis_url = str(cli_redis_url) if cli_redis_url else read.text("REDIS_URL")
     token_use = read.text("CHAT_TOKEN_USE", "access")
     if token_use not in ("access", "id"):
         raise ConfigError(f"CHAT_TOKEN_USE={token_use!r}: expected access or id")

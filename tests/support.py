@@ -6,6 +6,7 @@ Fixtures in conftest.py build on these; tests import the helpers from here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import contextlib
 
 ROOT = Path(__file__).resolve().parent.parent
 # Timing constants in tests scale with this, so a slow CI machine is not flaky.

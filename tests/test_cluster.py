@@ -166,19 +166,25 @@ async def test_stalled_reader_is_closed_1013_others_get_everything(
     count, text = 350, "y" * 16000
 
     progress = [0] * len(readers)
+    advanced = asyncio.Condition()
 
     async def read_all(index: int, ws: aiohttp.ClientWebSocketResponse) -> int:
         while progress[index] < count:
             frame = await receive_until(ws, of_type("message"), timeout=30)
             assert int(frame["message"].split(":")[0]) == progress[index]
             progress[index] += 1
+            async with advanced:
+                advanced.notify_all()
         return progress[index]
 
     async def stalled_close_code() -> int | None:
         """Once the server reports the kick, drain the stalled socket up to its close frame
         (within the server's close-handshake bound, before it aborts the socket)."""
         async with asyncio.timeout(scaled(30)):
-            while "chatserver_slow_consumer_closes_total 1.0" not in await metrics(server):
+            # another process's counter: nothing to await but the next scrape
+            while "chatserver_slow_consumer_closes_total 1.0" not in await metrics(  # noqa: ASYNC110
+                server
+            ):
                 await asyncio.sleep(0.05)
         return await asyncio.to_thread(read_close_code, stalled)
 
@@ -188,9 +194,8 @@ async def test_stalled_reader_is_closed_1013_others_get_everything(
         await publisher.send_json({"message": f"{i}:{text}"})
         # The readers share this one test process: keep them within 10 messages, so
         # only the stalled client can come near the bound.
-        async with asyncio.timeout(scaled(30)):
-            while min(progress) < i - 10:
-                await asyncio.sleep(0.005)
+        async with asyncio.timeout(scaled(30)), advanced:
+            await advanced.wait_for(lambda sent=i: min(progress) >= sent - 10)
     results = await asyncio.gather(*reading)
     assert results == [count] * 51
     assert await stalled_result == 1013

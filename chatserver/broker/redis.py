@@ -298,9 +298,9 @@ class RedisBroker(Broker):
     async def _catch_up(self, room: str) -> None:
         """Deliver what the stream holds after the last id this worker delivered."""
         while (last := self._rooms.get(room)) is not None:
-            entries = await self._redis.xrange(
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
                 self._stream_key(room), min=f"({last[0]}-{last[1]}", max="+", count=REPLAY_BATCH
-            )
+            )  # type: ignore[assignment]  # redis-py types replies loosely
             for entry_id, fields in entries:
                 self._deliver_room(room, message_frame(entry_id.decode(), fields[b"t"]))
             if len(entries) < REPLAY_BATCH:
@@ -310,7 +310,7 @@ class RedisBroker(Broker):
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _subscription(self, subscribe: bool, channel: str) -> None:
         """Queue a (un)subscribe; those of one loop pass go out as one command each way."""
@@ -433,7 +433,7 @@ class RedisBroker(Broker):
 
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         keys = [self._stream_key(room), self._epoch_key(room)]
-        args = [since, self._maxlen, uuid.uuid4().hex, epoch or ""]
+        args: list[str | int] = [since, self._maxlen, uuid.uuid4().hex, epoch or ""]
         current, max_deleted, entries = await self._call(
             "history", self._history(keys=keys, args=args)
         )

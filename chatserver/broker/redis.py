@@ -14,13 +14,14 @@ import logging
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from ..protocol import encode, message_frame, message_id_of, parse_id, presence_event
@@ -99,6 +100,7 @@ return out
 """
 
 REPLAY_BATCH = 500
+USER_SHARDS = 256
 POOL_SIZE = 32  # command connections per worker
 PUBLISH_BATCH = 256  # publishes per pipeline round trip
 MAX_OUTBOX = 100_000  # publishes waiting for Redis before new ones fail `unavailable`
@@ -149,12 +151,15 @@ class RedisBroker(Broker):
         self._presence_join = self._redis.register_script(PRESENCE_JOIN_LUA)
         self._presence_leave = self._redis.register_script(PRESENCE_LEAVE_LUA)
         self._presence_sweep = self._redis.register_script(PRESENCE_SWEEP_LUA)
+        self._scripts = (self._publish, self._history, self._presence_join,
+                         self._presence_leave, self._presence_sweep)
         self._room_channel_prefix = f"{prefix}room:".encode()
-        self._user_channel_prefix = f"{prefix}user:".encode()
+        self._user_channel_prefix = f"{prefix}users:".encode()
         self._instance_channel = f"{prefix}instance:{instance}"
         self._rooms: dict[str, tuple[int, int]] = {}  # subscribed room -> last id delivered
         self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
         self._users: set[str] = set()
+        self._shards: dict[int, int] = {}  # user shard -> local users in it
         self._present: dict[str, dict[Member, int]] = {}  # room -> members here
         self._pubsub: PubSub | None = None
         self._connected = False
@@ -174,8 +179,8 @@ class RedisBroker(Broker):
     def _room_channel(self, room: str) -> str:
         return f"{self._prefix}room:{room}"
 
-    def _user_channel(self, sub: str) -> str:
-        return f"{self._prefix}user:{sub}"
+    def _user_channel(self, shard: int) -> str:
+        return f"{self._prefix}users:{shard}"
 
     def _stream_key(self, room: str) -> str:
         return f"{self._prefix}history:{room}"
@@ -254,7 +259,7 @@ class RedisBroker(Broker):
         self._pubsub = pubsub
         wanted = [self._instance_channel]
         wanted += [self._room_channel(room) for room in self._rooms]
-        wanted += [self._user_channel(sub) for sub in self._users]
+        wanted += [self._user_channel(shard) for shard in self._shards]
         await pubsub.subscribe(*wanted)
         await self._redis.ping()
         self._set_connected(True)
@@ -279,7 +284,8 @@ class RedisBroker(Broker):
             if channel.startswith(self._room_channel_prefix):
                 self._deliver_room(channel[len(self._room_channel_prefix) :].decode(), msg["data"])
             elif channel.startswith(self._user_channel_prefix):
-                self.on_user(channel[len(self._user_channel_prefix) :].decode(), msg["data"])
+                sub, _, payload = msg["data"].partition(b"\n")
+                self.on_user(sub.decode(), payload)
         elif kind == "subscribe" and channel.startswith(self._room_channel_prefix):
             await self._catch_up(channel[len(self._room_channel_prefix) :].decode())
 
@@ -365,11 +371,16 @@ class RedisBroker(Broker):
         while self._outbox:
             batch, self._outbox = self._outbox[:PUBLISH_BATCH], self._outbox[PUBLISH_BATCH:]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in batch:
-                        # queued on the pipeline, sent by execute()
-                        await script(keys=keys, args=args, client=pipe)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._run_scripts(batch)
+                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if missing:
+                    # A new or restarted Redis without our scripts: those entries did not
+                    # run (a script is all or nothing), so load the scripts, run just those.
+                    for script in self._scripts:
+                        await self._redis.script_load(script.script)
+                    again = await self._run_scripts([batch[i] for i in missing])
+                    for i, result in zip(missing, again, strict=True):
+                        results[i] = result
             except (TimeoutError, RedisError, OSError) as exc:
                 failure = BrokerUnavailable(f"redis publish failed: {type(exc).__name__}")
                 results = [failure] * len(batch)
@@ -381,11 +392,22 @@ class RedisBroker(Broker):
                 else:
                     future.set_result(result.decode())
 
+    async def _run_scripts(self, batch: list[Any]) -> list[Any]:
+        """EVALSHA each entry in one pipeline round trip. (redis-py's Script objects in a
+        pipeline would first ask SCRIPT EXISTS: a second round trip on every batch.)"""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
     async def publish_event(self, room: str, payload: bytes) -> None:
         await self._call("publish", self._redis.publish(self._room_channel(room), payload))
 
     async def send_user(self, sub: str, payload: bytes) -> None:
-        await self._call("publish", self._redis.publish(self._user_channel(sub), payload))
+        message = sub.encode() + b"\n" + payload  # the shard's receivers pick by sub
+        channel = self._user_channel(user_shard(sub))
+        await self._call("publish", self._redis.publish(channel, message))
 
     async def subscribe_room(self, room: str) -> None:
         if room in self._rooms:
@@ -404,14 +426,23 @@ class RedisBroker(Broker):
             self._subscription(False, self._room_channel(room))
 
     async def subscribe_user(self, sub: str) -> None:
-        if sub not in self._users:
-            self._users.add(sub)
-            self._subscription(True, self._user_channel(sub))
+        if sub in self._users:
+            return
+        self._users.add(sub)
+        shard = user_shard(sub)
+        self._shards[shard] = self._shards.get(shard, 0) + 1
+        if self._shards[shard] == 1:
+            self._subscription(True, self._user_channel(shard))
 
     async def unsubscribe_user(self, sub: str) -> None:
-        if sub in self._users:
-            self._users.discard(sub)
-            self._subscription(False, self._user_channel(sub))
+        if sub not in self._users:
+            return
+        self._users.discard(sub)
+        shard = user_shard(sub)
+        self._shards[shard] -= 1
+        if not self._shards[shard]:
+            del self._shards[shard]
+            self._subscription(False, self._user_channel(shard))
 
     def position(self, room: str) -> tuple[int, int] | None:
         return self._rooms.get(room)
@@ -525,6 +556,14 @@ class RedisBroker(Broker):
                 event = encode(presence_event(room, "leave", member.public()))
                 here[member] = 1
                 self.presence(room, member, False, event)
+
+
+def user_shard(sub: str) -> int:
+    """Per-user traffic (direct messages, sign-out) rides one of USER_SHARDS channels: a
+    worker subscribes the shards of its users (all of them, soon, on a busy worker) instead
+    of a channel per user, so a connect storm sends no SUBSCRIBE per connection. Stable
+    across processes (crc32, not hash())."""
+    return zlib.crc32(sub.encode()) % USER_SHARDS
 
 
 def _pairs(fields: Any) -> list[tuple[bytes, bytes]]:

@@ -184,8 +184,10 @@ class ChatService:
         try:
             if created:
                 await self._subscribe(room, state.subscribed)
-            else:
+            elif not state.subscribed.done():
                 await asyncio.shield(state.subscribed)
+            elif state.subscribed.exception() is not None:
+                raise BrokerUnavailable("room subscription failed")
             current = await self.broker.epoch(room) if since is None else ""
         except BrokerUnavailable:
             self.hub.release(room)

@@ -97,6 +97,11 @@ def metrics_handler(metrics: Metrics) -> Handler:
 
 
 def setup_logging(level: str) -> None:
+    # The logging HOWTO's "Optimization": we print no file/line, thread or multiprocessing
+    # name, so skip gathering them (findCaller's stack walk is most of a log call).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=level,
         stream=sys.stderr,

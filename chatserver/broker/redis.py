@@ -101,6 +101,7 @@ return out
 
 REPLAY_BATCH = 500
 USER_SHARDS = 256
+SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a new user-shard subscription
 POOL_SIZE = 32  # command connections per worker
 PUBLISH_BATCH = 256  # publishes per pipeline round trip
 MAX_OUTBOX = 100_000  # publishes waiting for Redis before new ones fail `unavailable`
@@ -160,6 +161,7 @@ class RedisBroker(Broker):
         self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
         self._users: set[str] = set()
         self._shards: dict[int, int] = {}  # user shard -> local users in it
+        self._shard_ready: dict[int, asyncio.Future[None]] = {}  # resolved on confirmation
         self._present: dict[str, dict[Member, int]] = {}  # room -> members here
         self._pubsub: PubSub | None = None
         self._connected = False
@@ -288,6 +290,10 @@ class RedisBroker(Broker):
                 self.on_user(sub.decode(), payload)
         elif kind == "subscribe" and channel.startswith(self._room_channel_prefix):
             await self._catch_up(channel[len(self._room_channel_prefix) :].decode())
+        elif kind == "subscribe" and channel.startswith(self._user_channel_prefix):
+            ready = self._shard_ready.get(int(channel[len(self._user_channel_prefix) :]))
+            if ready is not None and not ready.done():
+                ready.set_result(None)
 
     def _deliver_room(self, room: str, payload: bytes) -> None:
         last = self._rooms.get(room)
@@ -426,13 +432,23 @@ class RedisBroker(Broker):
             self._subscription(False, self._room_channel(room))
 
     async def subscribe_user(self, sub: str) -> None:
+        """Returns once Redis confirmed the user's shard subscription (at once when it
+        already had), so a direct message sent after the welcome is not missed."""
         if sub in self._users:
             return
         self._users.add(sub)
         shard = user_shard(sub)
         self._shards[shard] = self._shards.get(shard, 0) + 1
-        if self._shards[shard] == 1:
+        ready = self._shard_ready.get(shard)
+        if ready is None:
+            ready = self._shard_ready[shard] = asyncio.get_running_loop().create_future()
             self._subscription(True, self._user_channel(shard))
+        if not ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT)
+            except TimeoutError:
+                await self.unsubscribe_user(sub)
+                raise BrokerUnavailable("redis did not confirm the subscription") from None
 
     async def unsubscribe_user(self, sub: str) -> None:
         if sub not in self._users:
@@ -442,6 +458,7 @@ class RedisBroker(Broker):
         self._shards[shard] -= 1
         if not self._shards[shard]:
             del self._shards[shard]
+            self._shard_ready.pop(shard, None)
             self._subscription(False, self._user_channel(shard))
 
     def position(self, room: str) -> tuple[int, int] | None:

@@ -96,7 +96,6 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         self._fetching: asyncio.Future[None] | None = None
         self._penalty_until = 0.0
-        self._fetched_once = False
         # Verified tokens until their exp: a reconnect with the same cookie costs no RSA.
         # Keyed by the token's digest: 32 bytes a connection, not the whole JWT.
         self._cache: OrderedDict[bytes, User] = OrderedDict()

@@ -229,6 +229,7 @@ def _ready(app: web.Application) -> tuple[bool, str]:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     if isinstance(response, web.WebSocketResponse):
         return  # a 101 needs none, and its headers live as long as the socket
+    response.headers["Server"] = "chatserver"  # no versions for scanners to match
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")

@@ -29,6 +29,7 @@ from aiohttp import web
 from tests.cognito_keys import CLIENT_ID, ISSUER, POOL_ID, SigningKey
 
 TARGET = "AWSCognitoIdentityProviderService.InitiateAuth"
+REVOKE_TARGET = "AWSCognitoIdentityProviderService.RevokeToken"
 AMZ_JSON = "application/x-amz-json-1.1"
 HANG_SECONDS = 30.0  # far beyond the server's 5 s bound; stop() releases it early
 
@@ -209,6 +210,9 @@ class FakeCognito:
         try:
             if self.mode in ("error_500", "hang"):
                 raise AwsError("InternalErrorException", "Internal server error", 500)
+            if request.headers.get("X-Amz-Target") == REVOKE_TARGET:
+                self.answered.append(self._revoke(body))
+                return _answer({})
             if request.headers.get("X-Amz-Target") != TARGET:
                 raise AwsError("UnknownOperationException", "Unknown operation")
             if request.headers.get("Content-Type") != AMZ_JSON:
@@ -223,6 +227,17 @@ class FakeCognito:
         return _answer(document)
 
     # ----------------------------------------------------------------- flows
+
+    def _revoke(self, body: dict[str, Any]) -> str:
+        """RevokeToken: the refresh token stops working (AWS answers {} either way)."""
+        token = body.get("Token")
+        owner = self.refresh_tokens.get(token) if isinstance(token, str) else None
+        if owner is None or owner[1] != body.get("ClientId"):
+            return "revoke-unknown"
+        if self.clients[owner[1]] != body.get("ClientSecret"):
+            raise AwsError("NotAuthorizedException", "Client secret is wrong")
+        del self.refresh_tokens[token]
+        return "revoked"
 
     def _authenticate(self, body: dict[str, Any]) -> dict[str, Any]:
         client_id = body.get("ClientId")

@@ -624,6 +624,22 @@ async def test_dev_sign_in_across_two_workers(make_server: Callable[..., ServerP
         assert (await call(swapped, server, "POST", "/auth/refresh")).status == 401
 
 
+async def test_logout_revokes_the_refresh_token(server: ServerProcess, fake: FakeCognito) -> None:
+    """After sign-out a copy of the refresh cookie is worthless: Cognito revoked it."""
+    async with cookie_session() as session:
+        assert (await login(session, server, ALICE.username, ALICE.password)).status == 200
+        copied = jar_cookie(session, server, "refreshToken")
+        assert copied
+        assert (await call(session, server, "POST", "/auth/logout")).status == 200
+    (revoke,) = [c for c in fake.calls if c.target and c.target.endswith("RevokeToken")]
+    assert revoke.body["ClientId"] == CLIENT_ID and revoke.body["ClientSecret"] == SECRET
+    assert "revoked" in fake.answered
+    async with cookie_session() as thief:
+        thief.cookie_jar.update_cookies({"refreshToken": copied}, URL(server.url + "/auth/"))
+        refused = await call(thief, server, "POST", "/auth/refresh")
+        assert (refused.status, refused.body["error"]) == (401, "unauthenticated")
+
+
 def test_dev_sign_in_refused_off_loopback(tmp_path: Path) -> None:
     """No pool on --host 0.0.0.0: exit 2, one line, unless CHAT_DEV_AUTH=1 (no bind)."""
     result = subprocess.run(

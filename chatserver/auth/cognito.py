@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 TARGET = "AWSCognitoIdentityProviderService.InitiateAuth"
+REVOKE_TARGET = "AWSCognitoIdentityProviderService.RevokeToken"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
@@ -84,23 +85,20 @@ class CognitoClient:
             params["SECRET_HASH"] = secret_hash(self._client_secret, username, self._client_id)
         return await self._initiate_auth("REFRESH_TOKEN_AUTH", params)
 
+    async def revoke(self, refresh_token: str) -> None:
+        """RevokeToken: the refresh token (and the tokens it issued) stop working. Raises
+        CognitoError or CognitoUnavailable; a sign-out goes on either way."""
+        body: dict[str, str] = {"Token": refresh_token, "ClientId": self._client_id}
+        if self._client_secret:
+            body["ClientSecret"] = self._client_secret
+        status, document = await self._call(REVOKE_TARGET, body)
+        if status >= 400:
+            kind = str(document.get("__type", "UnknownError")).rpartition("#")[2]
+            raise CognitoError(kind, status)
+
     async def _initiate_auth(self, flow: str, params: dict[str, str]) -> Tokens:
-        body = json.dumps({"AuthFlow": flow, "ClientId": self._client_id, "AuthParameters": params})
-        headers = {"X-Amz-Target": TARGET, "Content-Type": CONTENT_TYPE}
-        try:
-            async with self._session.post(
-                self._endpoint, data=body, headers=headers, timeout=self._timeout
-            ) as response:
-                status = response.status
-                text = await response.text()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            raise CognitoUnavailable("Cognito unreachable or slow") from None
-        if status >= 500:
-            raise CognitoUnavailable(f"Cognito answered {status}")
-        try:
-            document: dict[str, Any] = json.loads(text) if text else {}
-        except ValueError:
-            raise CognitoUnavailable("Cognito answered something that is not JSON") from None
+        body = {"AuthFlow": flow, "ClientId": self._client_id, "AuthParameters": params}
+        status, document = await self._call(TARGET, body)
         if status >= 400:
             kind = str(document.get("__type", "UnknownError")).rpartition("#")[2]
             raise CognitoError(kind, status)
@@ -116,6 +114,26 @@ class CognitoClient:
             )
         except (KeyError, TypeError, ValueError):
             raise CognitoUnavailable("Cognito answer has no tokens") from None
+
+
+    async def _call(self, target: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One unsigned call; 5xx, timeouts and non-JSON answers are CognitoUnavailable."""
+        headers = {"X-Amz-Target": target, "Content-Type": CONTENT_TYPE}
+        try:
+            async with self._session.post(
+                self._endpoint, data=json.dumps(body), headers=headers, timeout=self._timeout
+            ) as response:
+                status = response.status
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raise CognitoUnavailable("Cognito unreachable or slow") from None
+        if status >= 500:
+            raise CognitoUnavailable(f"Cognito answered {status}")
+        try:
+            document = json.loads(text) if text else {}
+        except ValueError:
+            raise CognitoUnavailable("Cognito answered something that is not JSON") from None
+        return status, document if isinstance(document, dict) else {}
 
 
 async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float = 5.0) -> Any:

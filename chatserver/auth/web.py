@@ -6,6 +6,7 @@ the handler upgrades and closes refused ones with the code, so the browser learn
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -34,6 +35,7 @@ AUTH_FAILURE = "chatserver.auth_failure"
 LOGIN_WINDOW = 60
 MAX_CREDENTIAL_CHARS = 256
 COGNITO_REFRESH_MAX_AGE = 30 * 24 * 3600  # Cognito's default refresh token lifetime
+REVOKE_TIMEOUT = 2.0  # seconds a sign-out waits for Cognito to revoke the refresh token
 
 BAD_CREDENTIALS = {"NotAuthorizedException", "UserNotFoundException", "UserNotConfirmedException"}
 
@@ -274,7 +276,21 @@ class AuthRoutes:
                 await self._sign_out(user.sub)
             except BrokerUnavailable:
                 log.warning("sign-out of %s not broadcast: broker unavailable", user.sub)
+        await self._revoke(request.cookies.get(REFRESH_COOKIE))
         return self._signed_out(web.json_response({"ok": True}))
+
+    async def _revoke(self, cookie: str | None) -> None:
+        """Revoke the Cognito refresh token, so a copy of the cookie is worth nothing after
+        sign-out. Best effort, bounded: the sign-out itself never waits on it failing."""
+        if self.auth.cognito is None or not cookie:
+            return
+        refresh_token = cookie.partition(".")[2]
+        if not refresh_token:
+            return
+        try:
+            await asyncio.wait_for(self.auth.cognito.revoke(refresh_token), REVOKE_TIMEOUT)
+        except (CognitoError, CognitoUnavailable, TimeoutError) as exc:
+            log.info("refresh token not revoked at sign-out: %s", type(exc).__name__)
 
     # ------------------------------------------------------------- cookies
 

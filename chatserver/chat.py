@@ -204,7 +204,7 @@ class ChatService:
                 joined = text_frame(encode(greeting)) + joined
             conn.write(joined)
         else:
-            first = self.hub.add_replaying(conn, room)
+            first = self.hub.add(conn, room, replaying=True)
             if greeting is not None:
                 conn.send(greeting)
             await self._replay(conn, room, since, epoch)

@@ -104,9 +104,6 @@ class Connection:
     def send(self, event: dict[str, Any]) -> None:
         self.write(text_frame(encode(event)))
 
-    def backlog(self) -> int:
-        return self.transport.get_write_buffer_size()
-
     def kick(self, code: int, reason: str) -> None:
         """Stop writing to this client and have its socket closed with `code`."""
         if self.closed:

@@ -99,12 +99,6 @@ class Hub:
                 conn.write(text_frame(payload))
         room.members.add(conn)
 
-    def flush(self, room_name: str) -> None:
-        """Write what is queued before membership changes, so it goes to whom it was for."""
-        room = self.rooms.get(room_name)
-        if room is not None:
-            self._flush(room)
-
     def deliver_user(self, sub: str, payload: bytes) -> None:
         conns = self.users.get(sub)
         if not conns:
@@ -172,23 +166,16 @@ class Hub:
         del self.rooms[name]
         return True
 
-    def add(self, conn: Connection, name: str) -> bool:
-        """Make conn a live member; True when it is its user's first connection in the room."""
+    def add(self, conn: Connection, name: str, *, replaying: bool = False) -> bool:
+        """Complete a reserved join; True when it is its user's first connection in the
+        room. `replaying`: live payloads are held for conn until finish_replay."""
         room = self.rooms[name]
         room.joining -= 1
         self._flush(room)
-        room.members.add(conn)
-        conn.rooms.add(name)
-        count = room.users.get(conn.user.sub, 0) + 1
-        room.users[conn.user.sub] = count
-        return count == 1
-
-    def add_replaying(self, conn: Connection, name: str) -> bool:
-        """Like add, but live payloads are held for conn until finish_replay."""
-        room = self.rooms[name]
-        room.joining -= 1
-        self._flush(room)
-        room.replaying[conn] = []
+        if replaying:
+            room.replaying[conn] = []
+        else:
+            room.members.add(conn)
         conn.rooms.add(name)
         count = room.users.get(conn.user.sub, 0) + 1
         room.users[conn.user.sub] = count

@@ -96,7 +96,7 @@ async def test_resumed_client_waits_for_live_stream_to_catch_up() -> None:
     hub = Hub(position=live.get)
     hub.reserve("lobby")
     conn = make_conn("u", kicked)
-    hub.add_replaying(conn, "lobby")
+    hub.add(conn, "lobby", replaying=True)
     hub.finish_replay(conn, "lobby", "1004-0")  # the replay reached 1004; live is at 1002
     for n in (3, 4, 5):  # the live stream catches up: 1003 and 1004 are duplicates
         live["lobby"] = (1000 + n, 0)

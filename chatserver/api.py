@@ -6,10 +6,10 @@ import hmac
 
 from aiohttp import web
 
-from .auth.web import error
 from .broker.base import BrokerUnavailable
 from .chat import ChatService
-from .protocol import ROOM_NAME
+from .protocol import ROOM_NAME, ROOM_RULE
+from .responses import error
 
 
 class PublishApi:
@@ -35,7 +35,7 @@ class PublishApi:
             return error(401, "unauthenticated", "a valid Authorization: Bearer <key> is required")
         room = request.match_info["room"]
         if not ROOM_NAME.fullmatch(room):
-            return error(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
+            return error(400, "bad_request", ROOM_RULE)
         try:
             body = await request.json()
         except ValueError:

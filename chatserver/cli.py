@@ -91,14 +91,14 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> int:
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    from .app import WS, create_app  # the supervisor never needs the app
+    from .app import create_app  # the supervisor never needs the app
 
     if settings.dev_auth:
         log.warning(
             "DEV SIGN-IN IS ON: anyone can sign in with any username "
             "(set AWS_COGNITO_USER_POOL_ID and AWS_COGNITO_CLIENT_ID for Cognito)"
         )
-    app = create_app(settings)
+    app = await create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.grace)
     await runner.setup()
@@ -112,8 +112,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("draining: closing sockets with 1001")
-        app[WS].draining.set()
+        log.info("draining: closing sockets with 1001")  # cleanup's on_shutdown does it
     finally:
         await runner.cleanup()
 

@@ -22,7 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-ReadyCheck = Callable[[web.Application], tuple[bool, str]]
+ReadyCheck = Callable[[], tuple[bool, str]]  # (ready, why not)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -81,7 +81,7 @@ def healthz_handler(instance: str) -> Handler:
 
 def readyz_handler(is_ready: ReadyCheck) -> Handler:
     async def readyz(request: web.Request) -> web.Response:
-        ready, detail = is_ready(request.app)
+        ready, detail = is_ready()
         return web.json_response({"ready": ready, "detail": detail}, status=200 if ready else 503)
 
     return readyz

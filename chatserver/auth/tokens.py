@@ -105,7 +105,10 @@ class TokenVerifier:
         if not token:
             raise TokenError("missing", "no authToken cookie")
         now = self._clock()
-        digest = hashlib.sha256(token.encode()).digest()
+        try:
+            digest = hashlib.sha256(token.encode()).digest()
+        except UnicodeEncodeError:  # aiohttp hands a non-UTF-8 cookie byte in as a surrogate
+            raise TokenError("malformed", "token is not a JWT") from None
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.exp + self._leeway > now:
@@ -130,29 +133,37 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=["RS256"],
-                leeway=self._leeway,
-                options={"require": ["exp", "iss", "sub"], "verify_aud": False},
+                # exp and nbf are checked below on this verifier's clock, not PyJWT's
+                options={"require": ["exp", "iss", "sub"], "verify_aud": False,
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("expired", "token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError("not_yet_valid", "token is not valid yet (nbf/iat)") from None
         except jwt.InvalidSignatureError:
             raise TokenError("bad_signature", "signature does not verify") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenError("missing_claim", f"token has no {exc.claim}") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError("invalid", f"token refused: {type(exc).__name__}") from None
-        if claims["iss"] not in self._issuers:
+        self._check_times(claims)
+        if not isinstance(claims["iss"], str) or claims["iss"] not in self._issuers:
             raise TokenError("bad_issuer", "issuer not accepted")
         token_use = claims.get("token_use")
-        if token_use not in self._token_uses:
+        if not isinstance(token_use, str) or token_use not in self._token_uses:
             raise TokenError("bad_token_use", "token_use not accepted")
         if token_use == "id" and claims.get("aud") != self._client_id:
             raise TokenError("bad_audience", "aud is not this client")
         if token_use == "access" and claims.get("client_id") != self._client_id:
             raise TokenError("bad_audience", "client_id is not this client")
         return claims
+
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self._clock()
+        exp, nbf, iat = claims["exp"], claims.get("nbf"), claims.get("iat")
+        if not all(_is_number(t) for t in (exp, nbf, iat) if t is not None):
+            raise TokenError("invalid", "token refused: exp/nbf/iat must be numbers")
+        if exp + self._leeway <= now:
+            raise TokenError("expired", "token has expired")
+        if any(t is not None and t - self._leeway > now for t in (nbf, iat)):
+            raise TokenError("not_yet_valid", "token is not valid yet (nbf/iat)")
 
     async def _key(self, kid: str) -> Any:
         key = self._keys.get(kid)
@@ -202,11 +213,15 @@ def _header(token: str) -> dict[str, Any]:
     segment = token.partition(".")[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise TokenError("malformed", "token is not a JWT") from None
     if not isinstance(header, dict) or token.count(".") != 2:
         raise TokenError("malformed", "token is not a JWT")
     return header
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,11 @@ class PublishApi:
         scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return None
+        # aiohttp hands non-UTF-8 header bytes in as surrogates: compare them as bytes.
+        candidate = presented.encode("utf-8", "surrogateescape")
         found = None
         for name, key in self._keys:
-            if hmac.compare_digest(presented.encode(), key):
+            if hmac.compare_digest(candidate, key):
                 found = name
         return found
 

@@ -3,6 +3,8 @@ the memory broker and the dev sign-in, every HTTP route and the /ws upgrade rule
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -174,6 +176,39 @@ async def test_publish_api_needs_a_key_and_reaches_the_room(client: Client) -> N
     assert (frame["id"], frame["user"], frame["message"]) == (message_id, "announcer",
                                                               "deploy at 5")
     await ws.close()
+
+
+async def raw_request(client: Client, request: bytes) -> bytes:
+    """Send bytes no HTTP client library would, and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read(65536)
+    writer.close()
+    return answer
+
+
+async def test_publish_api_refuses_a_non_utf8_key_with_401(client: Client) -> None:
+    """An Authorization header with bytes that are not UTF-8 is a 401, not a 500."""
+    answer = await raw_request(
+        client, b"POST /api/rooms/lobby/messages HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+
+
+async def test_crafted_cookies_are_refused_not_crashed(client: Client) -> None:
+    """A deeply nested JSON header or a non-UTF-8 byte in the cookie: /auth/me 401 and
+    /auth/logout clears the cookies (no 500 before authentication)."""
+    nested = base64.urlsafe_b64encode(b"[" * 2000).decode().rstrip("=") + ".e30.x"
+    for cookie in (nested.encode(), b"\xff" + nested.encode()):
+        me = await raw_request(client, b"GET /auth/me HTTP/1.1\r\nHost: x\r\nCookie: authToken="
+                               + cookie + b"\r\nConnection: close\r\n\r\n")
+        assert me.startswith(b"HTTP/1.1 401 "), me[:80]
+        out = await raw_request(
+            client, b"POST /auth/logout HTTP/1.1\r\nHost: x\r\nOrigin: " + ORIGIN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nCookie: authToken="
+            + cookie + b"\r\nConnection: close\r\n\r\n{}")
+        assert out.startswith(b"HTTP/1.1 200 ") and b'authToken=""; ' in out, out[:300]
 
 
 async def test_pages_carry_security_headers(client: Client) -> None:

@@ -75,13 +75,16 @@ async def create_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await broker.start(hub)
         await auth.verifier.prefetch()
-        expiry = asyncio.create_task(endpoint.watch_expiry(), name="token-expiry")
+        tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
+                 asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
         try:
             yield
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await broker.close()
             await session.close()
             if store is not None:
@@ -95,6 +98,8 @@ async def create_app(
             return False, "draining"
         if not broker.connected:
             return False, "broker disconnected"
+        if not auth.verifier.ready:
+            return False, "auth keys unavailable"
         return True, "ok"
 
     app.cleanup_ctx.append(lifecycle)

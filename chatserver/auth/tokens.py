@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,8 @@ import jwt
 from jwt.algorithms import RSAAlgorithm
 
 JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
+MIN_FETCH_BACKOFF, MAX_FETCH_BACKOFF = 1.0, 30.0  # seconds, while no key is cached
+log = logging.getLogger(__name__)
 
 
 class TokenError(Exception):
@@ -96,6 +99,10 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         self._fetching: asyncio.Future[None] | None = None
         self._penalty_until = 0.0
+        # With no keys at all, failed fetches back off (1 s doubling to 30 s) instead of
+        # one fetch per connection attempt.
+        self._retry_at = 0.0
+        self._backoff = MIN_FETCH_BACKOFF
         # Verified tokens until their exp: a reconnect with the same cookie costs no RSA.
         # Keyed by the token's digest: 32 bytes a connection, not the whole JWT.
         self._cache: OrderedDict[bytes, User] = OrderedDict()
@@ -169,7 +176,9 @@ class TokenVerifier:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        if self._clock() < self._penalty_until:
+        if not self._keys and self._clock() < self._retry_at:
+            raise KeysUnavailable("JWKS unavailable; backing off")
+        if self._keys and self._clock() < self._penalty_until:
             raise TokenError("unknown_kid", "kid not in the JWKS")
         await self._refresh()
         key = self._keys.get(kid)
@@ -192,19 +201,40 @@ class TokenVerifier:
 
     async def _fetch(self) -> None:
         try:
-            document = await self._fetch_jwks()
-            keys = parse_jwks(document)
-        except (TimeoutError, OSError, ValueError) as exc:
+            keys = parse_jwks(await self._fetch_jwks())
+            if not keys:
+                raise ValueError("no usable signing key")
+        except (TimeoutError, OSError, ValueError, RecursionError) as exc:
+            why = f"JWKS fetch failed: {type(exc).__name__}: {str(exc)[:80]}"
             if self._keys:
-                # Keep serving the keys we have; the kid stays unknown this round.
+                # Keep serving the keys we have (an empty or broken JWKS never replaces
+                # them); the kid stays unknown this round.
+                log.warning("%s; keeping the %d cached keys", why, len(self._keys))
                 return
-            raise KeysUnavailable(f"JWKS fetch failed: {type(exc).__name__}") from None
+            self._retry_at = self._clock() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_FETCH_BACKOFF)
+            log.warning("%s; no keys cached, next try in %.0f s", why, self._backoff / 2)
+            raise KeysUnavailable(why) from None
         self._keys = keys
+        self._backoff = MIN_FETCH_BACKOFF
+
+    @property
+    def ready(self) -> bool:
+        """Keys are cached: tokens can be verified (/readyz says so)."""
+        return bool(self._keys)
 
     async def prefetch(self) -> None:
         """Warm the key cache at start-up; a failure here is retried on first use."""
         with contextlib.suppress(KeysUnavailable):
             await self._refresh()
+
+    async def keep_warm(self) -> None:
+        """Until keys are cached, fetch them at the backoff's pace (so /readyz recovers
+        on its own after a JWKS outage at start-up); then return."""
+        while not self._keys:
+            with contextlib.suppress(KeysUnavailable):
+                await self._refresh()
+            await asyncio.sleep(max(0.0, self._retry_at - self._clock()) or MIN_FETCH_BACKOFF)
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -237,6 +267,7 @@ def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             out[str(jwk["kid"])] = RSAAlgorithm.from_jwk(json.dumps(jwk))
-        except (jwt.InvalidKeyError, ValueError, KeyError):
+        except (jwt.InvalidKeyError, ValueError, KeyError, TypeError) as exc:
+            log.warning("JWKS key %.40r skipped: %s", jwk.get("kid"), exc)
             continue
     return out

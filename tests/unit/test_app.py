@@ -15,9 +15,11 @@ from aiohttp.test_utils import TestClient
 
 from chatserver.app import ENDPOINT, create_app
 from chatserver.config import load_settings
+from tests.cognito_keys import SigningKey
 
 ORIGIN = "http://127.0.0.1:3020"  # the default allowlist (PORT 3020)
 API_KEY = "announcer-key-0123456789"
+KEY = SigningKey()
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
@@ -218,3 +220,18 @@ async def test_pages_carry_security_headers(client: Client) -> None:
     assert "default-src 'self'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Server"] == "chatserver"
+
+
+async def test_unreachable_jwks_is_not_ready_and_closes_1011(make_client: MakeClient) -> None:
+    """With Cognito's JWKS unreachable, /readyz says so (503) and an upgrade with a token
+    closes 1011 (retry), not 1008 (which the browser treats as signed out)."""
+    client = await make_client(
+        AWS_COGNITO_USER_POOL_ID="us-east-1_TestPool", AWS_COGNITO_CLIENT_ID="testclient123",
+        AWS_COGNITO_JWKS_URL="http://127.0.0.1:9/jwks.json")
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["detail"] == "auth keys unavailable"
+    token = KEY.mint()
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN,
+                                                "Cookie": f"authToken={token}"})
+    msg = await ws.receive()
+    assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 1011)

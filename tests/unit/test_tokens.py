@@ -356,16 +356,54 @@ async def test_no_keys_and_failed_fetch_is_keys_unavailable(
     assert caught.value.reason == "jwks_unavailable"
 
 
-async def test_keys_unavailable_is_retried_on_the_next_token(
-    verifier: TokenVerifier, jwks: Jwks,
+async def test_keys_unavailable_backs_off_then_retries(
+    verifier: TokenVerifier, jwks: Jwks, clock: Clock,
 ) -> None:
-    """An outage puts no penalty on the next token: once the JWKS is back, it verifies."""
+    """With no keys cached, a failed fetch backs off: tokens within the backoff get
+    KeysUnavailable (retryable, 1011) without a fetch; after it the JWKS is asked again."""
     jwks.failing = True
     with pytest.raises(KeysUnavailable):
         await verifier.verify(KEY.mint())
     jwks.failing = False
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(KEY.mint())
+    assert jwks.calls == 1 and not verifier.ready
+    clock.now += 1.5
     assert (await verifier.verify(KEY.mint(KEY.claims(sub="gina")))).sub == "gina"
-    assert jwks.calls == 2
+    assert jwks.calls == 2 and verifier.ready
+
+
+async def test_backoff_doubles_while_the_jwks_stays_down(
+    verifier: TokenVerifier, jwks: Jwks, clock: Clock,
+) -> None:
+    """Each failed fetch with no keys doubles the wait before the next one."""
+    jwks.failing = True
+    for wait in (1.0, 2.0, 4.0):
+        with pytest.raises(KeysUnavailable):
+            await verifier.verify(KEY.mint())
+        calls = jwks.calls
+        clock.now += wait - 0.1
+        with pytest.raises(KeysUnavailable):
+            await verifier.verify(KEY.mint())
+        assert jwks.calls == calls
+        clock.now += 0.2
+
+
+async def test_empty_or_broken_jwks_never_replaces_cached_keys(
+    verifier: TokenVerifier, jwks: Jwks, clock: Clock,
+) -> None:
+    """A JWKS that turns into {"keys": []} (or only bad keys) keeps the good keys cached."""
+    await verifier.verify(KEY.mint())
+    jwks.document = {"keys": []}
+    with pytest.raises(TokenError, match="kid"):
+        await verifier.verify(KEY.mint(kid="rotated-away"))
+    assert (await verifier.verify(KEY.mint(KEY.claims(sub="hal")))).sub == "hal"
+
+
+def test_a_malformed_key_is_skipped_not_fatal() -> None:
+    """A key whose n is not a string is skipped; the others are kept."""
+    bad = dict(ROTATED.jwk(), n=12345)
+    assert list(parse_jwks({"keys": [bad, KEY.jwk()]})) == [KEY.kid]
 
 
 @pytest.mark.parametrize("document", [{}, {"keys": {}}, {"keys": None}, []],
@@ -386,11 +424,14 @@ async def test_prefetch_warms_the_keys(verifier: TokenVerifier, jwks: Jwks) -> N
     assert jwks.calls == 1
 
 
-async def test_prefetch_survives_an_outage(verifier: TokenVerifier, jwks: Jwks) -> None:
-    """prefetch with the JWKS down does not raise; the first token fetches again."""
+async def test_prefetch_survives_an_outage(
+    verifier: TokenVerifier, jwks: Jwks, clock: Clock
+) -> None:
+    """prefetch with the JWKS down does not raise; after the backoff a token fetches again."""
     jwks.failing = True
     await verifier.prefetch()
     jwks.failing = False
+    clock.now += 1.5
     await verifier.verify(KEY.mint())
     assert jwks.calls == 2
 

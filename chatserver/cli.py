@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import ConfigError, Settings, load_settings
+from .config import warnings as config_warnings
 from .observability import setup_logging
 
 log = logging.getLogger("chatserver")
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"chatserver: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.log_level)
+    if not os.environ.get(WORKER_ENV):
+        for warning in config_warnings(settings):
+            log.warning("configuration: %s", warning)
     if os.environ.get(WORKER_ENV) or settings.workers == 1:
         sys.exit(run_worker(settings, reuse_port=bool(os.environ.get(WORKER_ENV))))
     sys.exit(Supervisor(settings, sys.argv[1:] if argv is None else argv).run())

@@ -20,14 +20,25 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from .config_parsers import (
+    POOL_ID,
+    Network,
+    parse_api_keys,
+    parse_client_id,
+    parse_http_url,
+    parse_networks,
+    parse_one_of,
+    parse_origins,
+    parse_redis_url,
+    parse_region,
+)
+from .config_parsers import (
+    ConfigError as ConfigError,
+)
+
 DEFAULT_PORT = 3020
 STATIC_DIR = str(Path(__file__).resolve().parent.parent / "static")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong; the message names the variable."""
 
 
 def setting(
@@ -51,64 +62,6 @@ def setting(
     return dataclasses.field(default=default, repr=not secret, metadata=meta)
 
 
-# ------------------------------------------------------------------ parsers
-
-
-def _redis_url(value: str, name: str) -> str:
-    parsed = urlparse(value)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{name}={value!r}: expected redis://host:port/db, rediss:// or unix://")
-    if parsed.scheme != "unix":
-        if not parsed.hostname:
-            raise ConfigError(f"{name}={value!r}: no host")
-        try:
-            parsed.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ConfigError(f"{name}={value!r}: bad port") from None
-    return value
-
-
-def _items(raw: str) -> list[str]:
-    return [item.strip() for item in raw.split(",") if item.strip()]
-
-
-def _origins(raw: str, name: str) -> tuple[str, ...]:
-    items = _items(raw)
-    for origin in items:
-        parsed = urlparse(origin)
-        is_origin = parsed.scheme in ("http", "https") and parsed.path in ("", "/")
-        if not is_origin or not parsed.netloc:
-            raise ConfigError(f"{name}: {origin!r} is not an origin like https://chat.example.com")
-    return tuple(origin.rstrip("/") for origin in items)
-
-
-def _networks(raw: str, name: str) -> tuple[Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in _items(raw))
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _api_keys(raw: str, name: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in _items(raw):
-        service, sep, key = item.partition(":")
-        if not sep or not service or len(key) < 16:
-            raise ConfigError(f"{name}: expected name:key pairs with keys of 16+ characters")
-        pairs.append((service, key))
-    return tuple(pairs)
-
-
-def _one_of(*choices: str) -> Callable[[str, str], str]:
-    def parse(raw: str, name: str) -> str:
-        value = raw.lower() if choices[0].islower() else raw.upper()
-        if value not in choices:
-            raise ConfigError(f"{name}={raw!r}: expected {', '.join(choices)}")
-        return value
-
-    return parse
-
-
 # ----------------------------------------------------------------- settings
 
 SERVER, COGNITO, BROWSER, DEV, LIMITS, TIMING = (
@@ -124,7 +77,7 @@ class Settings:
     port: int = setting("PORT", DEFAULT_PORT, "listening port", group=SERVER, low=1, high=65535)
     redis_url: str | None = setting(
         "REDIS_URL", None, "Redis for several workers/replicas; unset: in-process broker, "
-        "one worker", group=SERVER, parse=_redis_url, shown="unset",
+        "one worker", group=SERVER, parse=parse_redis_url, shown="unset",
         example="redis://127.0.0.1:6379/0")
     redis_prefix: str = setting(
         "CHAT_REDIS_PREFIX", "chat:", "Redis key prefix; give each deployment sharing a "
@@ -132,45 +85,46 @@ class Settings:
     log_level: str = setting(
         "CHAT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR; logs never hold tokens, "
         "cookies or message bodies at INFO", group=SERVER,
-        parse=_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+        parse=parse_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     static_dir: str = setting(
         "CHAT_STATIC_DIR", STATIC_DIR, "the browser client's files (the Docker image sets "
         "`/app/static`)", group=SERVER, shown="`static/` of the checkout")
-    aws_region: str = setting("AWS_REGION", "us-east-1", "Cognito region", group=COGNITO)
+    aws_region: str = setting("AWS_REGION", "us-east-1", "Cognito region", group=COGNITO,
+                              parse=parse_region)
     cognito_pool_id: str | None = setting(
         "AWS_COGNITO_USER_POOL_ID", None, "the user pool; unset: dev sign-in", group=COGNITO,
         shown="unset", example="eu-west-1_AbCdEf123")
     cognito_client_id: str | None = setting(
         "AWS_COGNITO_CLIENT_ID", None, "app client id (`aud` of ID tokens, `client_id` of "
-        "access tokens)", group=COGNITO, shown="")
+        "access tokens)", group=COGNITO, shown="", parse=parse_client_id)
     cognito_client_secret: str | None = setting(
         "AWS_COGNITO_CLIENT_SECRET", None, "app client secret, for SECRET_HASH",
         group=COGNITO, shown="unset", secret=True)
     cognito_jwks_url: str | None = setting(
         "AWS_COGNITO_JWKS_URL", None, "where to fetch the JWKS (emulators, tests); the issuer "
-        "stays exact", group=COGNITO, shown="the pool's")
+        "stays exact", group=COGNITO, shown="the pool's", parse=parse_http_url)
     cognito_endpoint: str | None = setting(
         "AWS_COGNITO_ENDPOINT", None, "InitiateAuth endpoint (LocalStack, moto)",
-        group=COGNITO, shown="the region's")
+        group=COGNITO, shown="the region's", parse=parse_http_url)
     token_use: str = setting(
         "CHAT_TOKEN_USE", "access", "which Cognito token the cookie holds: `access` or `id`",
-        group=COGNITO, parse=_one_of("access", "id"))
+        group=COGNITO, parse=parse_one_of("access", "id"))
     token_leeway: float = setting(
         "CHAT_TOKEN_LEEWAY", 5.0, "seconds of clock leeway on exp/nbf", group=COGNITO,
         low=0, high=300)
     allowed_origins: tuple[str, ...] = setting(
         "CHAT_ALLOWED_ORIGINS", (), "Origin allowlist for `/ws` and cookie POSTs",
-        group=BROWSER, parse=_origins, shown="`http://127.0.0.1:PORT,http://localhost:PORT`",
+        group=BROWSER, parse=parse_origins, shown="`http://127.0.0.1:PORT,http://localhost:PORT`",
         example="https://chat.example.com")
     cookie_secure: bool = setting(
         "CHAT_COOKIE_SECURE", True, "0 drops `Secure` for plain-http local use (`make run` "
         "does)", group=BROWSER)
     trusted_proxies: tuple[Network, ...] = setting(
         "CHAT_TRUSTED_PROXIES", (), "IPs/CIDRs whose `X-Forwarded-For` is believed",
-        group=BROWSER, parse=_networks, shown="none", example="10.213.47.0/24")
+        group=BROWSER, parse=parse_networks, shown="none", example="10.213.47.0/24")
     api_keys: tuple[tuple[str, str], ...] = setting(
         "CHAT_API_KEYS", (), "publish API keys, `name:key,...` (keys of 16+ characters)",
-        group=BROWSER, parse=_api_keys, shown="none", secret=True,
+        group=BROWSER, parse=parse_api_keys, shown="none", secret=True,
         example="announcer:change-me-to-a-long-random-string")
     login_rate_per_minute: int = setting(
         "CHAT_LOGIN_RATE", 10, "sign-in attempts per minute per client IP and per username",
@@ -304,7 +258,7 @@ def load_settings(
             values[spec.name] = _value(spec, raw)
     cli_url = cli.pop("redis_url", None)
     if cli_url:  # checked here, so the error names the flag, not REDIS_URL
-        values["redis_url"] = _redis_url(str(cli_url), "--redis-url")
+        values["redis_url"] = parse_redis_url(str(cli_url), "--redis-url")
     return _checked(Settings(**values).with_overrides(**cli))
 
 
@@ -318,6 +272,19 @@ def _checked(settings: Settings) -> Settings:
         )
     if not settings.dev_auth and not settings.cognito_client_id:
         raise ConfigError("AWS_COGNITO_CLIENT_ID is required when AWS_COGNITO_USER_POOL_ID is set")
+    if settings.cognito_pool_id:
+        pool = POOL_ID.fullmatch(settings.cognito_pool_id)
+        if pool is None or pool.group(1) != settings.aws_region:
+            raise ConfigError(
+                f"AWS_COGNITO_USER_POOL_ID={settings.cognito_pool_id!r}: expected "
+                f"{settings.aws_region}_<id> (a pool id starts with its AWS_REGION)"
+            )
+    index = Path(settings.static_dir) / "index.html"
+    if settings.static_dir != STATIC_DIR and not index.is_file():
+        raise ConfigError(
+            f"CHAT_STATIC_DIR={settings.static_dir!r}: no index.html there; it must hold the "
+            "browser client (everything in it is served)"
+        )
     if settings.dev_auth and not _is_loopback(settings.host) and not settings.dev_auth_explicit:
         raise ConfigError(
             f"--host {settings.host}: the dev sign-in lets anyone sign in; set "
@@ -331,6 +298,20 @@ def _checked(settings: Settings) -> Settings:
             )
         )
     return settings
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Settings that start but will not work as meant; the CLI logs each once."""
+    found = []
+    plain = [o for o in settings.allowed_origins
+             if o.startswith("http://") and urlparse(o).hostname not in ("localhost", "127.0.0.1")]
+    if settings.cookie_secure and plain:
+        found.append(
+            f"CHAT_COOKIE_SECURE=1 with plain-http origins {', '.join(plain)}: browsers drop "
+            "Secure cookies on http (except localhost), so sign-in will not stick there; "
+            "serve https or set CHAT_COOKIE_SECURE=0 for local use"
+        )
+    return found
 
 
 def _is_loopback(host: str) -> bool:

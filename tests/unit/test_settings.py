@@ -10,6 +10,7 @@ import pytest
 
 from chatserver import settings_docs
 from chatserver.config import ConfigError, Settings, declared, load_settings
+from chatserver.config import warnings as config_warnings
 
 
 def test_original_env_names_are_read(tmp_path: Path) -> None:
@@ -107,20 +108,22 @@ def test_values_are_parsed_to_their_types() -> None:
 
 def test_dotenv_is_read_as_docker_compose_reads_it(tmp_path: Path) -> None:
     """Inline comments after unquoted values, quotes, export, ${VAR}: compose's rules."""
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "index.html").write_text("<html></html>")
     dotenv = tmp_path / ".env"
     dotenv.write_text(
         "# a comment\n"
         "PORT=4100 # the port\n"
         "export CHAT_REDIS_PREFIX='app #1:'\n"
         'CHAT_DEV_PASSWORD="pass word # not a comment"\n'
-        "HOME_DIR=/srv\n"
+        f"HOME_DIR={tmp_path}\n"
         "CHAT_STATIC_DIR=${HOME_DIR}/static\n"
     )
     settings = load_settings({}, env_file=dotenv)
     assert settings.port == 4100
     assert settings.redis_prefix == "app #1:"
     assert settings.dev_password == "pass word # not a comment"
-    assert settings.static_dir == "/srv/static"
+    assert settings.static_dir == f"{tmp_path}/static"
 
 
 def test_dotenv_line_without_equals_names_file_and_line(tmp_path: Path) -> None:
@@ -167,3 +170,44 @@ def test_env_example_loads_as_the_defaults(tmp_path: Path) -> None:
     defaults = load_settings({}, env_file=None)
     for field in ("port", "rate_per_second", "heartbeat", "max_rooms", "token_use"):
         assert getattr(loaded, field) == getattr(defaults, field)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"AWS_REGION": "evil.example.com/x"}, "AWS_REGION"),
+        ({"AWS_REGION": "us-east-1.attacker.net"}, "AWS_REGION"),
+        ({"AWS_COGNITO_USER_POOL_ID": "eu-west-1_abc", "AWS_COGNITO_CLIENT_ID": "c"},
+         "AWS_COGNITO_USER_POOL_ID"),  # another region's pool
+        ({"AWS_COGNITO_USER_POOL_ID": "us-east-1_a/b", "AWS_COGNITO_CLIENT_ID": "c"},
+         "AWS_COGNITO_USER_POOL_ID"),
+        ({"AWS_COGNITO_USER_POOL_ID": "us-east-1_ab", "AWS_COGNITO_CLIENT_ID": "a b"},
+         "AWS_COGNITO_CLIENT_ID"),
+        ({"AWS_COGNITO_JWKS_URL": "file:///etc/passwd"}, "AWS_COGNITO_JWKS_URL"),
+        ({"AWS_COGNITO_ENDPOINT": "ftp://x"}, "AWS_COGNITO_ENDPOINT"),
+        ({"CHAT_STATIC_DIR": "/"}, "CHAT_STATIC_DIR"),
+        ({"CHAT_STATIC_DIR": "/etc"}, "CHAT_STATIC_DIR"),
+    ],
+)
+def test_values_that_would_fail_later_stop_start_up(env: dict[str, str], fragment: str) -> None:
+    """A region or pool that is not AWS's shape (it names the host passwords go to), a
+    non-http JWKS or endpoint URL, a static dir without the client: refused at start."""
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(env, env_file=None)
+
+
+def test_a_pool_of_the_configured_region_is_accepted() -> None:
+    """eu-west-1_AbC123 with AWS_REGION=eu-west-1 loads, and so does the default region."""
+    settings = load_settings({"AWS_REGION": "eu-west-1", "AWS_COGNITO_USER_POOL_ID":
+                              "eu-west-1_AbC123", "AWS_COGNITO_CLIENT_ID": "abc123"},
+                             env_file=None)
+    assert settings.cognito_issuer.endswith("eu-west-1.amazonaws.com/eu-west-1_AbC123")
+
+
+def test_secure_cookies_on_a_plain_http_origin_are_warned_about() -> None:
+    """Secure cookies with a plain-http, non-localhost origin start, with a warning."""
+    risky = load_settings({"CHAT_ALLOWED_ORIGINS": "http://chat.example.com"}, env_file=None)
+    assert any("CHAT_COOKIE_SECURE" in w for w in config_warnings(risky))
+    assert config_warnings(load_settings({}, env_file=None)) == []
+    local = {"CHAT_ALLOWED_ORIGINS": "http://chat.example.com", "CHAT_COOKIE_SECURE": "0"}
+    assert config_warnings(load_settings(local, env_file=None)) == []

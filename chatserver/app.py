@@ -63,7 +63,8 @@ async def create_app(
     broker = broker or _make_broker(settings, instance, metrics)
     hub = Hub(position=broker.position, on_delivered=metrics.messages_out.inc)
     limits = Limits(max_rooms=settings.max_rooms, max_text_chars=settings.max_text_chars,
-                    flood_strikes=settings.rate_burst)
+                    flood_strikes=settings.rate_burst, user_rate=settings.per_user_rate,
+                    user_burst=settings.per_user_burst)
     chat = ChatService(hub, broker, limits)
     endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance)
     gate = AuthGate(settings, auth.verifier, metrics)

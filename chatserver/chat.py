@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import protocol
 from .broker.base import Broker, BrokerUnavailable
-from .connection import Connection
+from .connection import Connection, TokenBucket
 from .hub import SIGNOUT, Hub
 from .protocol import (
     BAD_REQUEST,
@@ -43,6 +43,8 @@ class Limits:
     max_rooms: int = 50
     max_text_chars: int = 4000
     flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
+    user_rate: float = 0.0  # messages a second for all of one user's connections (0: off)
+    user_burst: int = 1
 
 
 class ChatService:
@@ -50,6 +52,7 @@ class ChatService:
         self.hub = hub
         self.broker = broker
         self.limits = limits
+        self._user_buckets: dict[str, TokenBucket] = {}  # sub -> bucket, while connected
 
     # ------------------------------------------------------------- lifecycle
 
@@ -57,12 +60,16 @@ class ChatService:
         self, conn: Connection, greeting: bytes, since: str | None, epoch: str | None
     ) -> None:
         """Register conn, join the lobby, greet. Raises BrokerUnavailable (conn unregistered)."""
+        sub = conn.user.sub
         if self.hub.register(conn):
+            self._user_buckets[sub] = TokenBucket(self.limits.user_rate, self.limits.user_burst)
             try:
-                await self.broker.subscribe_user(conn.user.sub)
+                await self.broker.subscribe_user(sub)
             except BrokerUnavailable:
                 self.hub.unregister(conn)
+                del self._user_buckets[sub]
                 raise
+        conn.user_bucket = self._user_buckets[sub]
         try:
             await self._join(conn, Join(LOBBY, since, epoch), greeting=greeting)
         except BrokerUnavailable:
@@ -73,13 +80,14 @@ class ChatService:
         for room in list(conn.rooms):
             await self._leave(conn, room)
         if self.hub.unregister(conn):
+            self._user_buckets.pop(conn.user.sub, None)
             await self._quietly(self.broker.unsubscribe_user(conn.user.sub))
 
     # -------------------------------------------------------------- commands
 
     async def handle_text(self, conn: Connection, data: str) -> None:
         """One client frame: rate limit, parse, act; errors become error frames."""
-        if not conn.bucket.take():
+        if not (conn.bucket.take() and conn.user_bucket.take()):
             conn.strikes += 1
             if conn.strikes > self.limits.flood_strikes:
                 conn.kick(FLOODING)

@@ -53,12 +53,16 @@ def setting(
     shown: str | None = None,
     example: str | None = None,
     secret: bool = False,
+    kind: type[int] | type[float] | None = None,
 ) -> T:
     """A Settings field. `env`: its variable (None: CLI only); `parse(raw, env)` for
     values that are not a plain number, flag or text; `shown`: the default as the docs
-    say it; `example`: a value for .env.example when the default is empty."""
+    say it; `example`: a value for .env.example when the default is empty; `kind`: int
+    or float for a number whose default is None (derived from another setting)."""
+    if kind is None and isinstance(default, int | float) and not isinstance(default, bool):
+        kind = type(default)
     meta = {"env": env, "doc": doc, "group": group, "low": low, "high": high,
-            "parse": parse, "shown": shown, "example": example}
+            "parse": parse, "shown": shown, "example": example, "kind": kind}
     return dataclasses.field(default=default, repr=not secret, metadata=meta)
 
 
@@ -153,6 +157,13 @@ class Settings:
     rate_burst: int = setting(
         "CHAT_BURST", 20, "the bucket's burst; a flood past it closes 1008", group=LIMITS,
         low=1, high=1_000_000_000)
+    user_rate: float | None = setting(
+        "CHAT_USER_RATE", None, "messages a second for all of one user's connections on a "
+        "worker (0 = off)", group=LIMITS, low=0, high=1e9, kind=float,
+        shown="2x `CHAT_RATE`")
+    user_burst: int | None = setting(
+        "CHAT_USER_BURST", None, "that bucket's burst", group=LIMITS, low=1,
+        high=1_000_000_000, kind=int, shown="2x `CHAT_BURST`")
     backlog_bytes: int = setting(
         "CHAT_BACKLOG_BYTES", 1024 * 1024, "unsent bytes a client may hold before 1013",
         group=LIMITS, low=4096, high=1 << 30)
@@ -181,6 +192,14 @@ class Settings:
     presence_event_limit: int = setting(
         "CHAT_PRESENCE_EVENT_LIMIT", 100, "rooms with more members send no join/leave "
         "events (`members` still answers)", group=TIMING, low=0, high=1_000_000)
+
+    @property
+    def per_user_rate(self) -> float:
+        return 2 * self.rate_per_second if self.user_rate is None else self.user_rate
+
+    @property
+    def per_user_burst(self) -> int:
+        return 2 * self.rate_burst if self.user_burst is None else self.user_burst
 
     @property
     def dev_auth(self) -> bool:
@@ -227,8 +246,9 @@ def _value(spec: dataclasses.Field[Any], raw: str) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-    if isinstance(default, int | float):
-        kind, word = (int, "a whole number") if isinstance(default, int) else (float, "a number")
+    kind = meta["kind"]
+    if kind is not None:
+        word = "a whole number" if kind is int else "a number"
         try:
             value = kind(raw)
         except ValueError:

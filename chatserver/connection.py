@@ -45,6 +45,9 @@ class TokenBucket:
         return False
 
 
+UNLIMITED = TokenBucket(0, 1)
+
+
 class Connection:
     """State of one WebSocket; only its handler task reads from it, anyone may write."""
 
@@ -61,6 +64,7 @@ class Connection:
         "strikes",
         "transport",
         "user",
+        "user_bucket",
         "ws",
     )
 
@@ -82,6 +86,8 @@ class Connection:
         self.member = Member(user.sub, user.username)
         self.rooms: set[str] = set()
         self.bucket = TokenBucket(rate, burst)
+        # Shared by all of the user's connections on this worker (ChatService.connect).
+        self.user_bucket = UNLIMITED
         self.strikes = 0
         self.closed = False
         self.close: Close | None = None  # why the server closes it, once kicked

@@ -21,10 +21,12 @@ class Chat:
     """A ChatService on a started memory broker, and the connections it was given."""
 
     def __init__(self, *, history: int = 1000, presence_limit: int = 100,
-                 max_rooms: int = 50, flood_strikes: int = 3) -> None:
+                 max_rooms: int = 50, flood_strikes: int = 3, user_rate: float = 0,
+                 user_burst: int = 1) -> None:
         self.broker = MemoryBroker(history_maxlen=history, presence_event_limit=presence_limit)
         self.hub = Hub(position=self.broker.position)
-        limits = Limits(max_rooms=max_rooms, max_text_chars=100, flood_strikes=flood_strikes)
+        limits = Limits(max_rooms=max_rooms, max_text_chars=100, flood_strikes=flood_strikes,
+                        user_rate=user_rate, user_burst=user_burst)
         self.service = ChatService(self.hub, self.broker, limits)
         self.kicked: list[Connection] = []
 
@@ -249,3 +251,16 @@ async def test_bad_frame_answers_bad_request_and_keeps_the_connection(chat: Chat
     sent(alice)
     await chat.service.handle_text(alice, "{not json")
     assert sent(alice)[0]["code"] == "bad_request" and not chat.kicked
+
+
+async def test_a_users_connections_share_one_rate_limit() -> None:
+    """Many connections of one user do not multiply the user's message rate."""
+    chat = Chat(user_rate=0.001, user_burst=2)
+    await chat.broker.start(chat.hub)
+    tabs = [await chat.connect("alice") for _ in range(3)]
+    bob = await chat.connect("bob")
+    replies = [await chat.send(tab, message="hi", ref="p") for tab in tabs]
+    assert [next(f["type"] for f in r if f["type"] in ("ack", "error")) for r in replies] == [
+        "ack", "ack", "error"]
+    assert any(f.get("code") == "rate_limited" for f in replies[2])
+    assert any(f["type"] == "ack" for f in await chat.send(bob, message="hi", ref="b"))

@@ -1,5 +1,5 @@
-# syntax=docker/dockerfile:1
 # chatserver image: slim Python, the package in a venv, non-root, no build tools.
+# No `# syntax=` line: BuildKit would fetch that frontend from Docker Hub on every build.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

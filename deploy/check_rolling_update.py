@@ -42,8 +42,10 @@ def id_key(message_id: str) -> tuple[int, int]:
 class Client:
     """Stays connected to the lobby; on a retryable close reconnects with ?since=&epoch=."""
 
-    def __init__(self, session: aiohttp.ClientSession, base: str, token: str, name: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: str, token: str, name: str,
+                 changed: asyncio.Condition) -> None:
         self.session, self.base, self.token, self.name = session, base, token, name
+        self.changed = changed  # notified on every frame
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.ready = asyncio.Event()
         self.ids: list[str] = []
@@ -77,7 +79,7 @@ class Client:
                 self.closes.append(code if code is not None else "no close")
                 self.ws = None
                 self.ready.clear()
-                if code is not None and code not in RETRYABLE or stop.is_set():
+                if (code is not None and code not in RETRYABLE) or stop.is_set():
                     return
             backoff = min(backoff * 2, 1.0)
             await asyncio.sleep(random.uniform(0.05, backoff))
@@ -88,7 +90,8 @@ class Client:
         try:
             while True:
                 receive = asyncio.ensure_future(self.ws.receive())
-                done, _ = await asyncio.wait({receive, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({receive, stopper},
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
                     receive.cancel()
                     await self.ws.close()
@@ -110,6 +113,8 @@ class Client:
                 elif kind == "ack":
                     self.acked.add(frame["id"])
                     self.unacked.discard(frame["ref"])
+                async with self.changed:
+                    self.changed.notify_all()
         finally:
             stopper.cancel()
 
@@ -125,7 +130,16 @@ class Client:
             self.unacked.add(ref)
 
 
-async def login(session: aiohttp.ClientSession, base: str, user: str, forwarded: str) -> aiohttp.ClientResponse:
+async def until(predicate: Any, changed: asyncio.Condition, within: float) -> bool:
+    """Wait for `predicate`, re-checked on every frame; False after `within` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within), changed:
+            await changed.wait_for(predicate)
+    return bool(predicate())
+
+
+async def login(session: aiohttp.ClientSession, base: str, user: str,
+                forwarded: str) -> aiohttp.ClientResponse:
     async with session.post(f"{base}/auth/login", json={"username": user, "password": ""},
                             headers={"Origin": base, "X-Forwarded-For": forwarded}) as resp:
         await resp.read()
@@ -163,16 +177,16 @@ async def main() -> int:
         async with session.get(f"{base}/metrics") as resp:
             outside = resp.status
         inside = compose("exec -T nginx wget -q -O - http://chatserver:3020/metrics", 30)
-        notes.append(f"/metrics: {outside} through nginx, "
-                     f"{'200' if 'chatserver_' in inside.stdout else 'FAIL'} from the nginx container")
+        scraped = "200" if "chatserver_" in inside.stdout else "FAIL"
+        notes.append(f"/metrics: {outside} through nginx, {scraped} from the nginx container")
         if outside != 404 or "chatserver_" not in inside.stdout:
             fails.append(f"/metrics outside {outside}, inside rc {inside.returncode}")
         if fails:
             print("check_rolling_update: FAIL (" + "; ".join(fails) + ")")
             return 1
 
-        stop, stop_sending = asyncio.Event(), asyncio.Event()
-        clients = [Client(session, base, t, f"c{i}") for i, t in enumerate(tokens)]
+        stop, stop_sending, changed = asyncio.Event(), asyncio.Event(), asyncio.Condition()
+        clients = [Client(session, base, t, f"c{i}", changed) for i, t in enumerate(tokens)]
         tasks = [asyncio.create_task(c.run(stop)) for c in clients]
         await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), 30)
         before = [c.connections for c in clients]
@@ -181,7 +195,8 @@ async def main() -> int:
         async def prober() -> None:
             while not stop_sending.is_set():
                 try:
-                    async with session.get(f"{base}/healthz", headers={"Connection": "close"}) as r:
+                    async with session.get(f"{base}/healthz",
+                                           headers={"Connection": "close"}) as r:
                         probes.append(r.status)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     probes.append(type(exc).__name__)
@@ -204,12 +219,9 @@ async def main() -> int:
         await asyncio.sleep(2)  # a little load on the new replicas
         stop_sending.set()
         await asyncio.gather(*load)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(c.unacked for c in clients if c.ws):
-            await asyncio.sleep(0.1)
+        await until(lambda: not any(c.unacked for c in clients if c.ws), changed, 10)
         expected = set().union(*(c.acked for c in clients), *(set(c.ids) for c in clients))
-        while time.monotonic() < deadline and not all(expected <= set(c.ids) for c in clients):
-            await asyncio.sleep(0.1)
+        await until(lambda: all(expected <= set(c.ids) for c in clients), changed, 10)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
 
@@ -232,7 +244,8 @@ async def main() -> int:
     summary = (f"rolling update {took:.0f}s; {len(probes)} HTTP probes, non-200 {len(bad_probes)}; "
                f"clients resumed {resumed}/{len(clients)} (closes {closes}); {len(expected)} "
                f"messages, lost {lost}, duplicated {duplicated}; " + "; ".join(notes))
-    print(f"check_rolling_update: {'FAIL (' + '; '.join(fails) + '); ' if fails else 'PASS; '}{summary}")
+    verdict = f"FAIL ({'; '.join(fails)})" if fails else "PASS"
+    print(f"check_rolling_update: {verdict}; {summary}")
     return 1 if fails else 0
 
 

@@ -5,9 +5,11 @@ Through nginx on the published port: sign-ins keyed on the real client address (
 sign-in claims its own X-Forwarded-For, which nginx believes from the gateway only),
 /metrics 404 outside and 200 from inside the compose network, then CLIENTS resuming
 WebSocket clients publishing to the lobby and an HTTP prober while
-deploy/rolling-update.sh replaces every replica. Passes only with no non-200 answer, no
-refused handshake, every client reconnected (1001) and resumed, and every acked message
-held by every client exactly once, in order. Needs aiohttp; the last line is a summary.
+deploy/rolling-update.sh replaces every replica, then `--scale chatserver=4` (new
+connections reach all four within the resolver's 5 s) and back to 3. Passes only with no
+non-200 answer, no refused handshake, every client reconnected (1001) and resumed, and
+every acked message held by every client exactly once, in order. Needs aiohttp; the last
+line is a summary.
 
     COMPOSE='docker compose -p chatserver' python3 deploy/check_rolling_update.py \
         --base http://127.0.0.1:3020
@@ -151,6 +153,33 @@ def compose(args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+async def instances(session: aiohttp.ClientSession, base: str, tokens: list[str],
+                    count: int) -> set[str]:
+    """The replica (welcome `instance` host) each of `count` fresh connections lands on."""
+    hosts = set()
+    for n in range(count):
+        async with session.ws_connect(
+            base.replace("http", "ws", 1) + "/ws", heartbeat=None,
+            headers={"Origin": base, "Cookie": f"authToken={tokens[n % len(tokens)]}"},
+        ) as ws:
+            welcome = await ws.receive_json(timeout=10)
+            hosts.add(str(welcome["instance"]).rsplit(":", 1)[0])
+    return hosts
+
+
+async def check_scale(session: aiohttp.ClientSession, base: str, tokens: list[str],
+                      fails: list[str]) -> str:
+    """--scale chatserver=4: after the resolver's 5 s, new connections reach all four."""
+    up = compose("up -d --no-deps --no-recreate --scale chatserver=4 chatserver", 120)
+    running = len(compose("ps -q chatserver", 30).stdout.split())
+    await asyncio.sleep(6)  # nginx.conf: resolver valid=5s
+    seen = await instances(session, base, tokens, 24)
+    compose("up -d --no-deps --scale chatserver=3 chatserver", 120)
+    if up.returncode != 0 or running != 4 or len(seen) != 4:
+        fails.append(f"scale to 4: rc {up.returncode}, {running} running, {len(seen)} reached")
+    return f"--scale chatserver=4: {running} running, new connections reached {len(seen)}"
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="http://127.0.0.1:3020")
@@ -224,6 +253,7 @@ async def main() -> int:
         await until(lambda: all(expected <= set(c.ids) for c in clients), changed, 10)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+        notes.append(await check_scale(session, base, tokens, fails))
 
     bad_probes = [p for p in probes if p != 200]
     refused = [x for c in clients for x in c.closes if isinstance(x, str) and x != "no close"]

@@ -1,8 +1,10 @@
 """The compose topology, run natively: redis, three chatserver replicas, nginx in front.
 
-No Docker engine runs here, so the same pieces run as local processes on 127.0.0.1:
-a real redis-server, three `chatserver --workers 2` replicas and Debian's nginx with
-deploy/nginx.conf rendered for their addresses (deploy/render_nginx.py). Clients speak
+No Docker engine runs here, so the same pieces run as local processes: a real
+redis-server, `chatserver --workers 2` replicas each on its own loopback address and
+one port (as containers have their own IPs), a DNS stub standing in for Docker's
+embedded DNS (`chatserver` -> the running replicas), and Debian's nginx with
+deploy/nginx.conf rendered for these addresses (deploy/render_nginx.py). Clients speak
 to nginx only, reconnect with jitter on a retryable close, and resume every room from
 the last id they hold (lobby via /ws?since=&epoch=, others via join with since).
 """

@@ -87,7 +87,13 @@ class WsEndpoint:
         self.draining = asyncio.Event()  # set at shutdown: /readyz 503, new sockets 1013
         self._closer = Closer(metrics)
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.draining.is_set():
+            # Before the upgrade, so a proxy retries the handshake on another replica
+            # (nginx: proxy_next_upstream http_503) instead of the client backing off.
+            return web.json_response(
+                {"error": "unavailable", "detail": DRAINING.reason}, status=503,
+                headers={"Retry-After": "1"})
         settings = self.settings
         ws = web.WebSocketResponse(
             heartbeat=settings.heartbeat or None,
@@ -126,7 +132,7 @@ class WsEndpoint:
 
     def _refusal(self, user: User) -> Close | None:
         if self.draining.is_set():
-            return DRAINING
+            return DRAINING  # began draining during this upgrade
         hub = self.chat.hub
         if len(hub.connections) >= self.settings.max_connections:
             return SERVER_FULL

@@ -235,3 +235,13 @@ async def test_unreachable_jwks_is_not_ready_and_closes_1011(make_client: MakeCl
                                                 "Cookie": f"authToken={token}"})
     msg = await ws.receive()
     assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 1011)
+
+
+async def test_a_draining_worker_answers_upgrades_503_before_upgrading(client: Client) -> None:
+    """While draining, /ws answers 503 with Retry-After (a proxy retries another replica)."""
+    await login(client)
+    client.app[ENDPOINT].draining.set()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert refused.value.status == 503
+    assert refused.value.headers is not None and refused.value.headers["Retry-After"] == "1"

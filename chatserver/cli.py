@@ -32,6 +32,7 @@ log = logging.getLogger("chatserver")
 WORKER_ENV = "CHATSERVER_WORKER"
 CRASH_WINDOW = 5.0  # a worker dying sooner than this after its start counts as a crash loop
 MAX_QUICK_CRASHES = 5
+ACCEPT_WHILE_DRAINING = 1.0  # seconds a draining worker still accepts (and answers 503)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,30 +96,43 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> int:
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    from .app import create_app  # the supervisor never needs the app
+    from .app import ENDPOINT, create_app  # the supervisor never needs the app
+    from .guard import HeadGuard
+    from .observability import Metrics
 
     if settings.dev_auth:
         log.warning(
             "DEV SIGN-IN IS ON: anyone can sign in with any username "
             "(set AWS_COGNITO_USER_POOL_ID and AWS_COGNITO_CLIENT_ID for Cognito)"
         )
-    app = await create_app(settings)
+    metrics = Metrics()
+    app = await create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.grace)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port,
-                           backlog=1024)
-        await site.start()
+        assert runner.server is not None  # made by setup()
+        guard = HeadGuard(runner.server, timeout=settings.head_timeout,
+                          per_ip=settings.half_open_per_ip, exempt=settings.trusted_proxies,
+                          half_open=metrics.half_open, dropped=metrics.half_open_dropped)
+        listener = await loop.create_server(guard, settings.host, settings.port,
+                                            reuse_port=reuse_port, backlog=1024)
         log.info("listening on http://%s:%s (pid %d)", settings.host, settings.port, os.getpid())
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("draining: closing sockets with 1001")  # cleanup's on_shutdown does it
+        # Refuse upgrades (503: a proxy retries them elsewhere) but keep accepting a
+        # moment, so connections already in the accept queue are answered, not reset.
+        log.info("draining: closing sockets with 1001")
+        app[ENDPOINT].draining.set()
+        await asyncio.sleep(min(ACCEPT_WHILE_DRAINING, settings.grace / 4))
     finally:
-        await runner.cleanup()
+        if listener is not None:
+            listener.close()
+        await runner.cleanup()  # on_shutdown: every socket closed 1001, within CHAT_GRACE
 
 
 # --------------------------------------------------------------- supervisor

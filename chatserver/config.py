@@ -175,6 +175,12 @@ class Settings:
     max_connections_per_user: int = setting(
         "CHAT_MAX_CONNECTIONS_PER_USER", 20, "open WebSockets per user on a worker",
         group=LIMITS, low=1, high=100000)
+    head_timeout: float = setting(
+        "CHAT_HEAD_TIMEOUT", 10.0, "seconds a new connection has to send its request head",
+        group=LIMITS, low=0.5, high=600)
+    half_open_per_ip: int = setting(
+        "CHAT_HALF_OPEN_PER_IP", 256, "connections per client address still without a "
+        "request head (trusted proxies exempt)", group=LIMITS, low=1, high=1_000_000)
     compress: bool = setting(
         "CHAT_COMPRESS", False, "permessage-deflate (off: CPU per frame, and it leaks "
         "lengths)", group=LIMITS)

@@ -67,6 +67,18 @@ class Metrics:
         self.listener_restarts = Counter(
             "chatserver_listener_restarts", "Broker listener tasks restarted", registry=reg
         )
+        self.half_open = Gauge(
+            "chatserver_half_open_connections",
+            "Connections that have not sent a complete request head yet",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.half_open_dropped = Counter(
+            "chatserver_half_open_dropped",
+            "Connections dropped before their first request head, by reason",
+            ["reason"],
+            registry=reg,
+        )
         if self.multiprocess:
             multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
 

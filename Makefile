@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-deps lint bench clean
+.PHONY: run test unit test-deps lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test-deps:
 
 test: test-deps $(STAMP)
 	$(BIN)/pytest -q
+
+# The fast layer alone: no process, no Redis (seconds).
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check chatserver tests

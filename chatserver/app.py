@@ -109,7 +109,7 @@ async def create_app(
     router = app.router
     router.add_get("/healthz", healthz_handler(instance))
     router.add_get("/readyz", readyz_handler(readiness))
-    router.add_get("/metrics", metrics_handler(metrics))
+    router.add_get("/metrics", metrics_handler(metrics, settings.metrics_token))
     router.add_get("/ws", endpoint.handle)
     api = PublishApi(chat, settings.api_keys, settings.max_text_chars)
     router.add_post("/api/rooms/{room}/messages", api.publish)

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from dotenv import dotenv_values
-from dotenv.parser import parse_stream
-
 from .config_parsers import (
     POOL_ID,
     Network,
@@ -31,6 +28,8 @@ from .config_parsers import (
     parse_origins,
     parse_redis_url,
     parse_region,
+    parse_value,
+    read_dotenv,
 )
 from .config_parsers import (
     ConfigError as ConfigError,
@@ -90,6 +89,10 @@ class Settings:
         "CHAT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR; logs never hold tokens, "
         "cookies or message bodies at INFO", group=SERVER,
         parse=parse_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    metrics_token: str | None = setting(
+        "CHAT_METRICS_TOKEN", None, "bearer token `/metrics` requires; unset: only direct "
+        "requests from loopback or private addresses (never through a proxy)", group=SERVER,
+        shown="unset", secret=True)
     static_dir: str = setting(
         "CHAT_STATIC_DIR", STATIC_DIR, "the browser client's files (the Docker image sets "
         "`/app/static`)", group=SERVER, shown="`static/` of the checkout")
@@ -228,43 +231,6 @@ def declared() -> list[dataclasses.Field[Any]]:
 # ------------------------------------------------------------------ loading
 
 
-def read_dotenv(path: Path) -> dict[str, str]:
-    """A `.env` file read as docker compose reads it (python-dotenv: `#` comments, inline
-    ` # ` comments on unquoted values, quotes, `export`, `${VAR}` interpolation)."""
-    if not path.is_file():
-        return {}
-    with path.open() as stream:
-        for binding in parse_stream(stream):
-            if binding.error:
-                raise ConfigError(f"{path}:{binding.original.line}: expected KEY=VALUE")
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
-
-
-def _value(spec: dataclasses.Field[Any], raw: str) -> Any:
-    """One variable's text turned into the field's value, or ConfigError naming it."""
-    name, meta, default = spec.metadata["env"], spec.metadata, spec.default
-    if meta["parse"] is not None:
-        return meta["parse"](raw, name)
-    if isinstance(default, bool):
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-    kind = meta["kind"]
-    if kind is not None:
-        word = "a whole number" if kind is int else "a number"
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: not {word}") from None
-        if not meta["low"] <= value <= meta["high"]:
-            raise ConfigError(f"{name}={value}: must be between {meta['low']} and {meta['high']}")
-        return value
-    return raw
-
-
 def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
@@ -281,7 +247,7 @@ def load_settings(
     for spec in declared():
         raw = env.get(spec.metadata["env"], "").strip()
         if raw:
-            values[spec.name] = _value(spec, raw)
+            values[spec.name] = parse_value(spec, raw)
     cli_url = cli.pop("redis_url", None)
     if cli_url:  # checked here, so the error names the flag, not REDIS_URL
         values["redis_url"] = parse_redis_url(str(cli_url), "--redis-url")

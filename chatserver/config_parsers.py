@@ -1,12 +1,18 @@
-"""Parsers of setting values: a variable's text in, the typed value out, or a
-ConfigError that names the variable."""
+"""Parsers of configuration: a `.env` file as docker compose reads it, and a variable's
+text into its typed value, or a ConfigError that names the variable."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -93,3 +99,40 @@ def parse_one_of(*choices: str) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """A `.env` file read as docker compose reads it (python-dotenv: `#` comments, inline
+    ` # ` comments on unquoted values, quotes, `export`, `${VAR}` interpolation)."""
+    if not path.is_file():
+        return {}
+    with path.open() as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                raise ConfigError(f"{path}:{binding.original.line}: expected KEY=VALUE")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def parse_value(spec: dataclasses.Field[Any], raw: str) -> Any:
+    """One variable's text turned into the field's value, or ConfigError naming it."""
+    name, meta, default = spec.metadata["env"], spec.metadata, spec.default
+    if meta["parse"] is not None:
+        return meta["parse"](raw, name)
+    if isinstance(default, bool):
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+    kind = meta["kind"]
+    if kind is not None:
+        word = "a whole number" if kind is int else "a number"
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: not {word}") from None
+        if not meta["low"] <= value <= meta["high"]:
+            raise ConfigError(f"{name}={value}: must be between {meta['low']} and {meta['high']}")
+        return value
+    return raw

@@ -6,6 +6,8 @@ any worker answers the sum over all workers (prometheus-client's multiprocess mo
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import os
 import sys
@@ -101,13 +103,34 @@ def readyz_handler(is_ready: ReadyCheck) -> Handler:
     return readyz
 
 
-def metrics_handler(metrics: Metrics) -> Handler:
+def metrics_handler(metrics: Metrics, token: str | None = None) -> Handler:
+    """/metrics for a scraper on the same host or network, never for the public: without
+    CHAT_METRICS_TOKEN, only direct requests (no proxy's X-Forwarded-For or Forwarded)
+    from loopback or private addresses; with it, only its bearer."""
+    expected = f"Bearer {token}".encode() if token else None
+
     async def render(request: web.Request) -> web.Response:
+        if expected is not None:
+            presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(presented, expected):
+                return web.json_response({"error": "unauthenticated"}, status=401)
+        elif not _scraper(request):
+            return web.json_response({"error": "forbidden"}, status=403)
         response = web.Response(body=metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
     return render
+
+
+def _scraper(request: web.Request) -> bool:
+    if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
+        return False  # came through the public proxy
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    return peer.is_loopback or peer.is_private
 
 
 class QuietAiohttp(logging.Filter):

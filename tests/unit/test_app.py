@@ -245,3 +245,21 @@ async def test_a_draining_worker_answers_upgrades_503_before_upgrading(client: C
         await client.ws_connect("/ws", headers={"Origin": ORIGIN})
     assert refused.value.status == 503
     assert refused.value.headers is not None and refused.value.headers["Retry-After"] == "1"
+
+
+async def test_metrics_answer_a_direct_scraper_but_never_through_a_proxy(
+    make_client: MakeClient,
+) -> None:
+    """/metrics serves a loopback or private scraper directly, refuses anything that came
+    through a proxy (X-Forwarded-For or Forwarded); with CHAT_METRICS_TOKEN, its bearer."""
+    client = await make_client()
+    assert (await client.get("/metrics")).status == 200
+    for header in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
+        assert (await client.get("/metrics", headers=header)).status == 403
+    guarded = await make_client(CHAT_METRICS_TOKEN="scrape-token-0123456789")
+    assert (await guarded.get("/metrics")).status == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await guarded.get("/metrics", headers=wrong)).status == 401
+    right = {"Authorization": "Bearer scrape-token-0123456789"}
+    scraped = await guarded.get("/metrics", headers=right)
+    assert scraped.status == 200 and "chatserver_connections" in await scraped.text()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .api import PublishApi
+from .api import ApiRoutes
 from .auth.cognito import CognitoClient, fetch_json
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
 from .auth.gate import AuthGate
@@ -28,7 +28,9 @@ from .chat import ChatService, Limits
 from .config import Settings
 from .counters import HitCounter, MemoryHitCounter, RedisHitCounter
 from .hub import Hub
+from .memberships import Memberships, MemoryMemberships, RedisMemberships
 from .observability import Metrics, healthz_handler, metrics_handler, readyz_handler
+from .permissions import Gatekeeper, load_rules
 from .ws import WsEndpoint, instance_name
 
 log = logging.getLogger(__name__)
@@ -64,17 +66,22 @@ async def create_app(
     hub = Hub(position=broker.position, on_delivered=metrics.messages_out.inc)
     limits = Limits(max_rooms=settings.max_rooms, max_text_chars=settings.max_text_chars,
                     flood_strikes=settings.rate_burst, user_rate=settings.per_user_rate,
-                    user_burst=settings.per_user_burst)
-    chat = ChatService(hub, broker, limits)
+                    user_burst=settings.per_user_burst,
+                    direct_needs_shared_room=settings.direct_messages == "shared-room")
+    memberships: Memberships = (
+        RedisMemberships(store, settings.redis_prefix) if store is not None
+        else MemoryMemberships())
+    gate = Gatekeeper(load_rules(settings.room_rules, settings.room_rules_file), memberships)
+    chat = ChatService(hub, broker, limits, gate)
     endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance)
-    gate = AuthGate(settings, auth.verifier, metrics)
+    auth_gate = AuthGate(settings, auth.verifier, metrics)
 
-    app = web.Application(middlewares=[gate.middleware],
+    app = web.Application(middlewares=[auth_gate.middleware],
                           client_max_size=settings.max_message_bytes)
     app[CHAT], app[BROKER], app[ENDPOINT] = chat, broker, endpoint
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await broker.start(hub)
+        await broker.start(chat)
         await auth.verifier.prefetch()
         tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
                  asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
@@ -111,8 +118,7 @@ async def create_app(
     router.add_get("/readyz", readyz_handler(readiness))
     router.add_get("/metrics", metrics_handler(metrics, settings.metrics_token))
     router.add_get("/ws", endpoint.handle)
-    api = PublishApi(chat, settings.api_keys, settings.max_text_chars)
-    router.add_post("/api/rooms/{room}/messages", api.publish)
+    ApiRoutes(chat, settings.api_keys, settings.max_text_chars).add_to(router)
     AuthRoutes(auth, chat.sign_out).add_to(router)
     _add_static(router, Path(settings.static_dir))
     return app

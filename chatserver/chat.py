@@ -16,6 +16,8 @@ from . import protocol
 from .broker.base import Broker, BrokerUnavailable
 from .connection import Connection, TokenBucket
 from .hub import SIGNOUT, Hub
+from .memberships import MemoryMemberships
+from .permissions import Access, Gatekeeper, RoomRules
 from .protocol import (
     BAD_REQUEST,
     FLOODING,
@@ -37,6 +39,8 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
+RECHECK = b"!recheck "  # control payload on a user channel: re-decide access to a room
+
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
@@ -45,21 +49,39 @@ class Limits:
     flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
     user_rate: float = 0.0  # messages a second for all of one user's connections (0: off)
     user_burst: int = 1
+    direct_needs_shared_room: bool = False  # CHAT_DIRECT_MESSAGES=shared-room
 
 
 class ChatService:
-    def __init__(self, hub: Hub, broker: Broker, limits: Limits) -> None:
+    """Also the broker's sink: room payloads go straight to the Hub; per-user payloads
+    may be control messages (sign-out, a membership change) that this layer acts on."""
+
+    def __init__(self, hub: Hub, broker: Broker, limits: Limits,
+                 gate: Gatekeeper | None = None) -> None:
         self.hub = hub
         self.broker = broker
         self.limits = limits
+        self.gate = gate or Gatekeeper(RoomRules(()), MemoryMemberships())
         self._user_buckets: dict[str, TokenBucket] = {}  # sub -> bucket, while connected
+        self._rechecks: set[asyncio.Task[None]] = set()
+        # The hot path (every room payload) pays no extra call for this layer.
+        self.deliver_room = hub.deliver_room
+
+    def deliver_user(self, sub: str, payload: bytes) -> None:
+        if payload.startswith(RECHECK):
+            task = asyncio.create_task(self._recheck(sub, payload[len(RECHECK):].decode()))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+        else:
+            self.hub.deliver_user(sub, payload)
 
     # ------------------------------------------------------------- lifecycle
 
     async def connect(
-        self, conn: Connection, greeting: bytes, since: str | None, epoch: str | None
+        self, conn: Connection, instance: str, since: str | None, epoch: str | None
     ) -> None:
-        """Register conn, join the lobby, greet. Raises BrokerUnavailable (conn unregistered)."""
+        """Register conn, join the lobby (if the rules let the user read it), greet.
+        Raises BrokerUnavailable (conn unregistered)."""
         sub = conn.user.sub
         if self.hub.register(conn):
             self._user_buckets[sub] = TokenBucket(self.limits.user_rate, self.limits.user_burst)
@@ -71,7 +93,14 @@ class ChatService:
                 raise
         conn.user_bucket = self._user_buckets[sub]
         try:
-            await self._join(conn, Join(LOBBY, since, epoch), greeting=greeting)
+            lobby = await self.gate.access(LOBBY, conn.user)
+            greeting = protocol.welcome(conn.user.public(), [LOBBY] if lobby.read else [],
+                                        instance)
+            if lobby.read:
+                await self._join(conn, Join(LOBBY, since, epoch), greeting=greeting,
+                                 access=lobby)
+            else:
+                conn.send(greeting)
         except BrokerUnavailable:
             await self.disconnect(conn)
             raise
@@ -122,6 +151,8 @@ class ChatService:
         an ack (with a ref) or an `unavailable` error, never silently."""
         if command.room not in conn.rooms:
             raise ProtocolError(FORBIDDEN, f"join {command.room!r} first", room=command.room)
+        if conn.readonly and command.room in conn.readonly:
+            raise ProtocolError(FORBIDDEN, "this room is read-only for you", room=command.room)
         user = conn.user
         tail = message_tail(command.room, user.sub, user.username, command.text, _now_ms())
         future = self.broker.publish(command.room, tail)
@@ -138,6 +169,8 @@ class ChatService:
 
     async def direct(self, conn: Connection, command: Direct) -> None:
         user = conn.user
+        if self.limits.direct_needs_shared_room and not await self._share_a_room(conn, command.to):
+            raise ProtocolError(FORBIDDEN, "direct messages need a room you share")
         payload = protocol.direct(
             uuid.uuid4().hex, user.sub, user.username, command.to, command.text, _now_ms()
         )
@@ -165,14 +198,55 @@ class ChatService:
         """Close every socket of this user on every worker and replica."""
         await self.broker.send_user(sub, SIGNOUT)
 
+    async def _share_a_room(self, conn: Connection, sub: str) -> bool:
+        for room in conn.rooms:
+            if any(m.sub == sub for m in await self.broker.members(room)):
+                return True
+        return False
+
+    # ------------------------------------------------------------ memberships
+
+    async def grant(self, room: str, sub: str, role: str) -> None:
+        """Grant membership; the user's open sockets re-check the room everywhere."""
+        await self.gate.memberships.grant(room, sub, role)
+        await self.broker.send_user(sub, RECHECK + room.encode())
+
+    async def revoke(self, room: str, sub: str) -> bool:
+        """Remove a membership; where it was what let the user read the room, every
+        socket of theirs leaves it within a pub/sub round trip (`left`, revoked)."""
+        found = await self.gate.memberships.revoke(room, sub)
+        await self.broker.send_user(sub, RECHECK + room.encode())
+        return found
+
+    async def _recheck(self, sub: str, room: str) -> None:
+        for conn in list(self.hub.users.get(sub, ())):
+            if room not in conn.rooms or conn.closed:
+                continue
+            try:
+                access = await self.gate.access(room, conn.user)
+            except BrokerUnavailable:
+                access = Access(False, False)  # cannot tell: closed, as by default
+            if not access.read:
+                await self._leave(conn, room)
+                conn.send(protocol.left(room, reason="revoked"))
+            elif access.write and conn.readonly:
+                conn.readonly = conn.readonly - {room} or None
+            elif not access.write:
+                conn.readonly = (conn.readonly or set()) | {room}
+
     # --------------------------------------------------------------- joining
 
-    async def _join(self, conn: Connection, join: Join, *, greeting: bytes | None = None) -> None:
+    async def _join(self, conn: Connection, join: Join, *, greeting: bytes | None = None,
+                    access: Access | None = None) -> None:
         room = join.room
         if room in conn.rooms:
             raise ProtocolError(BAD_REQUEST, f"already in {room!r}", room=room)
         if len(conn.rooms) >= self.limits.max_rooms:
             raise ProtocolError(FORBIDDEN, f"at most {self.limits.max_rooms} rooms", room=room)
+        access = access or await self.gate.access(room, conn.user)
+        if not access.read:
+            # The same answer whether the room exists or not: nothing leaks.
+            raise ProtocolError(FORBIDDEN, "not allowed in this room", room=room)
         state, created = self.hub.reserve(room)
         try:
             if created:
@@ -190,6 +264,8 @@ class ChatService:
             self.hub.release(room)
             await self._drop_room_if_empty(room)
             return
+        if not access.write:
+            conn.readonly = (conn.readonly or set()) | {room}
         if join.since is None:
             first = self.hub.add(conn, room)
             frames = text_frame(protocol.joined(room, current))
@@ -230,6 +306,8 @@ class ChatService:
         conn.send(protocol.recovered(room, replay.complete, replay.epoch))
 
     async def _leave(self, conn: Connection, room: str) -> None:
+        if conn.readonly:
+            conn.readonly = conn.readonly - {room} or None
         last_of_user = self.hub.remove(conn, room)
         await self._drop_room_if_empty(room)
         if last_of_user:

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from .config_parsers import (
     POOL_ID,
+    ApiKey,
     Network,
     parse_api_keys,
     parse_client_id,
@@ -34,6 +35,7 @@ from .config_parsers import (
 from .config_parsers import (
     ConfigError as ConfigError,
 )
+from .permissions import load_rules
 
 DEFAULT_PORT = 3020
 STATIC_DIR = str(Path(__file__).resolve().parent.parent / "static")
@@ -67,9 +69,10 @@ def setting(
 
 # ----------------------------------------------------------------- settings
 
-SERVER, COGNITO, BROWSER, DEV, LIMITS, TIMING = (
+SERVER, COGNITO, BROWSER, ROOMS, DEV, LIMITS, TIMING = (
     "server", "AWS Cognito (unset pool: the built-in dev sign-in)", "browser security",
-    "dev sign-in (only without a Cognito pool)", "limits", "timing and history",
+    "room permissions", "dev sign-in (only without a Cognito pool)", "limits",
+    "timing and history",
 )
 
 
@@ -129,10 +132,22 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = setting(
         "CHAT_TRUSTED_PROXIES", (), "IPs/CIDRs whose `X-Forwarded-For` is believed",
         group=BROWSER, parse=parse_networks, shown="none", example="10.213.47.0/24")
-    api_keys: tuple[tuple[str, str], ...] = setting(
-        "CHAT_API_KEYS", (), "publish API keys, `name:key,...` (keys of 16+ characters)",
+    api_keys: tuple[ApiKey, ...] = setting(
+        "CHAT_API_KEYS", (), "API keys, `name:key[:room-glob],...` (keys of 16+ characters; "
+        "a glob scopes the key to matching rooms)",
         group=BROWSER, parse=parse_api_keys, shown="none", secret=True,
         example="announcer:change-me-to-a-long-random-string")
+    room_rules: str | None = setting(
+        "CHAT_ROOM_RULES", None, "room rules, `<glob> read=<who> write=<who>; ...` (who: "
+        "`open`, `members`, `group:<name>`, `none`); unset: every room open", group=ROOMS,
+        shown="unset", example="lobby read=open write=open; team-* read=members write=members")
+    room_rules_file: str | None = setting(
+        "CHAT_ROOM_RULES_FILE", None, "the same rules, one a line, from a file", group=ROOMS,
+        shown="unset")
+    direct_messages: str = setting(
+        "CHAT_DIRECT_MESSAGES", "everyone", "who may send a user direct messages: `everyone`, "
+        "or `shared-room` (users who share a room)", group=ROOMS,
+        parse=parse_one_of("everyone", "shared-room"))
     login_rate_per_minute: int = setting(
         "CHAT_LOGIN_RATE", 10, "sign-in attempts per minute per client IP and per username",
         group=BROWSER, low=1, high=1_000_000)
@@ -277,6 +292,7 @@ def _checked(settings: Settings) -> Settings:
             f"CHAT_STATIC_DIR={settings.static_dir!r}: no index.html there; it must hold the "
             "browser client (everything in it is served)"
         )
+    load_rules(settings.room_rules, settings.room_rules_file)  # a bad rule stops start-up
     if settings.dev_auth and not _is_loopback(settings.host) and not settings.dev_auth_explicit:
         raise ConfigError(
             f"--host {settings.host}: the dev sign-in lets anyone sign in; set "

@@ -81,14 +81,24 @@ def parse_networks(raw: str, name: str) -> tuple[Network, ...]:
         raise ConfigError(f"{name}: {exc}") from None
 
 
-def parse_api_keys(raw: str, name: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
+ApiKey = tuple[str, str, str]  # (service name, key, room glob it may touch)
+ROOM_GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
+
+
+def parse_api_keys(raw: str, name: str) -> tuple[ApiKey, ...]:
+    """`name:key` (every room) or `name:key:glob` (rooms matching the glob); keys of 16+
+    characters, without `:`."""
+    keys = []
     for item in parse_items(raw):
-        service, sep, key = item.partition(":")
-        if not sep or not service or len(key) < 16:
-            raise ConfigError(f"{name}: expected name:key pairs with keys of 16+ characters")
-        pairs.append((service, key))
-    return tuple(pairs)
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or len(parts[1]) < 16:
+            raise ConfigError(
+                f"{name}: expected name:key or name:key:room-glob, keys of 16+ characters")
+        service, key, glob = parts[0], parts[1], parts[2] if len(parts) == 3 else "*"
+        if not ROOM_GLOB.fullmatch(glob):
+            raise ConfigError(f"{name}: {glob!r} is not a room glob like team-*")
+        keys.append((service, key, glob))
+    return tuple(keys)
 
 
 def parse_one_of(*choices: str) -> Callable[[str, str], str]:

@@ -60,6 +60,7 @@ class Connection:
         "member",
         "on_kick",
         "reader",
+        "readonly",
         "rooms",
         "strikes",
         "transport",
@@ -85,6 +86,7 @@ class Connection:
         self.user = user
         self.member = Member(user.sub, user.username)
         self.rooms: set[str] = set()
+        self.readonly: set[str] | None = None  # joined rooms it may not publish to
         self.bucket = TokenBucket(rate, burst)
         # Shared by all of the user's connections on this worker (ChatService.connect).
         self.user_bucket = UNLIMITED

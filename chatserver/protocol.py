@@ -230,8 +230,11 @@ def joined(room: str, epoch: str) -> bytes:
     return encode({"type": "joined", "room": room, "epoch": epoch})
 
 
-def left(room: str) -> bytes:
-    return encode({"type": "left", "room": room})
+def left(room: str, reason: str | None = None) -> bytes:
+    """After a leave; with reason "revoked" when the user may no longer read the room."""
+    if reason is None:
+        return encode({"type": "left", "room": room})
+    return encode({"type": "left", "room": room, "reason": reason})
 
 
 def recovered(room: str, complete: bool, epoch: str) -> bytes:

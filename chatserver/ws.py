@@ -28,7 +28,6 @@ from .protocol import (
     BAD_REQUEST,
     BROKER_DOWN,
     DRAINING,
-    LOBBY,
     NOT_SIGNED_IN,
     SERVER_FULL,
     SHUTTING_DOWN,
@@ -145,9 +144,8 @@ class WsEndpoint:
         bad_resume = since is not None and not is_message_id(since)
         if bad_resume:
             since = epoch = None
-        greeting = protocol.welcome(conn.user.public(), [LOBBY], self.instance)
         try:
-            await self.chat.connect(conn, greeting, since, epoch)
+            await self.chat.connect(conn, self.instance, since, epoch)
         except BrokerUnavailable:
             await conn.ws.close(code=BROKER_DOWN.code, message=BROKER_DOWN.reason.encode())
             return

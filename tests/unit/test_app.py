@@ -263,3 +263,65 @@ async def test_metrics_answer_a_direct_scraper_but_never_through_a_proxy(
     right = {"Authorization": "Bearer scrape-token-0123456789"}
     scraped = await guarded.get("/metrics", headers=right)
     assert scraped.status == 200 and "chatserver_connections" in await scraped.text()
+
+
+TEAM_KEY = "teams-key-0123456789abc"
+
+
+async def test_membership_api_grants_lists_and_revokes(make_client: MakeClient) -> None:
+    """PUT grants (role write by default), GET lists by page, GET by user, DELETE revokes."""
+    client = await make_client(CHAT_API_KEYS=f"ops:{API_KEY}",
+                               CHAT_ROOM_RULES="team-* read=members write=members")
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    for sub in ("u3", "u1", "u2"):
+        put = await client.put(f"/api/rooms/team-a/members/{sub}", headers=key)
+        assert put.status == 200 and (await put.json())["role"] == "write"
+    read = await client.put("/api/rooms/team-b/members/u1", json={"role": "read"}, headers=key)
+    assert (await read.json())["role"] == "read"
+    first = await (await client.get("/api/rooms/team-a/members?limit=2", headers=key)).json()
+    assert first == {"members": [{"sub": "u1", "role": "write"}, {"sub": "u2", "role": "write"}],
+                     "next": "u2"}
+    rest = await (await client.get("/api/rooms/team-a/members?after=u2", headers=key)).json()
+    assert rest == {"members": [{"sub": "u3", "role": "write"}], "next": None}
+    rooms = await (await client.get("/api/users/u1/rooms", headers=key)).json()
+    assert rooms == {"rooms": [{"room": "team-a", "role": "write"},
+                               {"room": "team-b", "role": "read"}]}
+    gone = await client.delete("/api/rooms/team-a/members/u1", headers=key)
+    assert (await gone.json())["revoked"] is True
+    again = await client.delete("/api/rooms/team-a/members/u1", headers=key)
+    assert (await again.json())["revoked"] is False
+
+
+async def test_membership_api_refuses_bad_keys_and_input(make_client: MakeClient) -> None:
+    """No key or a wrong key: 401; a key scoped to other rooms: 403; a bad room, sub,
+    role or an oversized body: 400 with a JSON error, and nothing stored."""
+    client = await make_client(CHAT_API_KEYS=f"ops:{API_KEY},teams:{TEAM_KEY}:team-*",
+                               CHAT_ROOM_RULES="team-* read=members; staff-* read=members")
+    url = "/api/rooms/staff-x/members/u1"
+    assert (await client.put(url)).status == 401
+    assert (await client.put(url, headers={"Authorization": "Bearer wrong"})).status == 401
+    scoped = {"Authorization": f"Bearer {TEAM_KEY}"}
+    assert (await client.put(url, headers=scoped)).status == 403
+    assert (await client.get("/api/users/u1/rooms", headers=scoped)).status == 403
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    for bad_url, body in [("/api/rooms/bad%20room/members/u1", None),
+                          ("/api/rooms/staff-x/members/u%0A1", None),
+                          (url, b'{"role": "owner"}'), (url, b"{"), (url, b"x" * 2000)]:
+        answer = await client.put(bad_url, data=body, headers=key)
+        assert answer.status == 400 and "error" in await answer.json(), bad_url
+    listed = await (await client.get("/api/users/u1/rooms", headers=key)).json()
+    assert listed == {"rooms": []}
+    assert (await client.put("/api/rooms/team-a/members/u1", headers=scoped)).status == 200
+
+
+async def test_publish_api_key_scope_and_closed_rooms(make_client: MakeClient) -> None:
+    """A scoped key publishes only in its rooms; no key publishes where no rule reaches."""
+    client = await make_client(CHAT_API_KEYS=f"ops:{API_KEY},teams:{TEAM_KEY}:team-*",
+                               CHAT_ROOM_RULES="team-* read=members; news read=open")
+    scoped = {"Authorization": f"Bearer {TEAM_KEY}"}
+    body = {"message": "hello"}
+    assert (await client.post("/api/rooms/team-a/messages", json=body, headers=scoped)).status == 200
+    assert (await client.post("/api/rooms/news/messages", json=body, headers=scoped)).status == 403
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert (await client.post("/api/rooms/news/messages", json=body, headers=key)).status == 200
+    assert (await client.post("/api/rooms/other/messages", json=body, headers=key)).status == 403

@@ -14,6 +14,8 @@ from chatserver.broker.memory import MemoryBroker
 from chatserver.chat import ChatService, Limits
 from chatserver.connection import Connection
 from chatserver.hub import Hub
+from chatserver.memberships import MemoryMemberships
+from chatserver.permissions import Gatekeeper, parse_rules
 from tests.unit.fakes import make_conn, payloads, sent
 
 
@@ -22,19 +24,20 @@ class Chat:
 
     def __init__(self, *, history: int = 1000, presence_limit: int = 100,
                  max_rooms: int = 50, flood_strikes: int = 3, user_rate: float = 0,
-                 user_burst: int = 1) -> None:
+                 user_burst: int = 1, rules: str = "") -> None:
         self.broker = MemoryBroker(history_maxlen=history, presence_event_limit=presence_limit)
         self.hub = Hub(position=self.broker.position)
         limits = Limits(max_rooms=max_rooms, max_text_chars=100, flood_strikes=flood_strikes,
                         user_rate=user_rate, user_burst=user_burst)
-        self.service = ChatService(self.hub, self.broker, limits)
+        self.memberships = MemoryMemberships()
+        gate = Gatekeeper(parse_rules(rules, "CHAT_ROOM_RULES"), self.memberships)
+        self.service = ChatService(self.hub, self.broker, limits, gate)
         self.kicked: list[Connection] = []
 
     async def connect(self, name: str, *, since: str | None = None, epoch: str | None = None,
                       **conn: Any) -> Connection:
         client = make_conn(name, self.kicked, **conn)
-        await self.service.connect(client, protocol.welcome({"sub": name}, ["lobby"], "t:1"),
-                                   since, epoch)
+        await self.service.connect(client, "t:1", since, epoch)
         await settle()
         return client
 
@@ -58,7 +61,7 @@ async def settle() -> None:
 @pytest.fixture
 async def chat() -> Chat:
     made = Chat()
-    await made.broker.start(made.hub)
+    await made.broker.start(made.service)
     return made
 
 
@@ -94,7 +97,7 @@ async def test_presence_join_and_leave_reach_the_room_once_per_user(chat: Chat) 
 async def test_publish_acks_with_the_id_every_member_gets() -> None:
     """A publish with a ref is acked with the stored id; each member gets the message."""
     chat = Chat()
-    await chat.broker.start(chat.hub)
+    await chat.broker.start(chat.service)
     alice, bob = await chat.connect("alice"), await chat.connect("bob")
     sent(bob)
     got = await chat.send(alice, type="publish", room="lobby", message="hi", ref="r1")
@@ -163,7 +166,7 @@ async def test_resume_with_another_epoch_replays_all_kept_as_incomplete(chat: Ch
 async def test_resume_past_trimmed_history_is_incomplete() -> None:
     """When history no longer reaches since, the replay says complete false."""
     chat = Chat(history=10)
-    await chat.broker.start(chat.hub)
+    await chat.broker.start(chat.service)
     alice = await chat.connect("alice")
     first = None
     for n in range(15):
@@ -205,7 +208,7 @@ async def test_direct_reaches_the_user_and_the_senders_other_tabs(chat: Chat) ->
 async def test_room_limit_refuses_one_more_join() -> None:
     """At max_rooms, a further join is forbidden and the connection stays usable."""
     chat = Chat(max_rooms=2)
-    await chat.broker.start(chat.hub)
+    await chat.broker.start(chat.service)
     alice = await chat.connect("alice")
     sent(alice)
     assert (await chat.send(alice, type="join", room="a"))[0]["type"] == "joined"
@@ -236,7 +239,7 @@ async def test_sign_out_closes_every_connection_of_the_user(chat: Chat) -> None:
 async def test_presence_limit_silences_big_rooms() -> None:
     """Over the presence event limit, joins and leaves send no presence frame."""
     chat = Chat(presence_limit=1)
-    await chat.broker.start(chat.hub)
+    await chat.broker.start(chat.service)
     alice = await chat.connect("alice")
     sent(alice)
     bob = await chat.connect("bob")
@@ -256,7 +259,7 @@ async def test_bad_frame_answers_bad_request_and_keeps_the_connection(chat: Chat
 async def test_a_users_connections_share_one_rate_limit() -> None:
     """Many connections of one user do not multiply the user's message rate."""
     chat = Chat(user_rate=0.001, user_burst=2)
-    await chat.broker.start(chat.hub)
+    await chat.broker.start(chat.service)
     tabs = [await chat.connect("alice") for _ in range(3)]
     bob = await chat.connect("bob")
     replies = [await chat.send(tab, message="hi", ref="p") for tab in tabs]
@@ -264,3 +267,81 @@ async def test_a_users_connections_share_one_rate_limit() -> None:
         "ack", "ack", "error"]
     assert any(f.get("code") == "rate_limited" for f in replies[2])
     assert any(f["type"] == "ack" for f in await chat.send(bob, message="hi", ref="b"))
+
+
+PRIVATE = "team-* read=members write=members; news read=open write=group:staff"
+
+
+async def private_chat() -> Chat:
+    chat = Chat(rules=PRIVATE)
+    await chat.broker.start(chat.service)
+    return chat
+
+
+async def test_a_private_room_admits_members_only_and_leaks_nothing() -> None:
+    """A member joins; a non-member's join of that room and of an unused one get the
+    same forbidden answer; a join with since=0 returns no message."""
+    chat = await private_chat()
+    await chat.memberships.grant("team-a", "alice", "write")
+    alice, eve = await chat.connect("alice"), await chat.connect("eve")
+    sent(alice)
+    assert (await chat.send(alice, type="join", room="team-a"))[0]["type"] == "joined"
+    await chat.send(alice, type="publish", room="team-a", message="secret plans")
+    sent(eve)
+    used = await chat.send(eve, type="join", room="team-a", since="0-0", ref="x")
+    unused = await chat.send(eve, type="join", room="team-zzz", ref="x")
+    assert [f for f in used if f["type"] == "message"] == []
+    assert used == [dict(unused[0], room="team-a")]
+    assert used[0]["code"] == "forbidden" and eve.rooms == {"lobby"}
+
+
+async def test_a_read_only_room_refuses_publishes_but_delivers() -> None:
+    """news: everyone reads, only staff writes; a reader's publish is forbidden."""
+    chat = await private_chat()
+    reader = await chat.connect("reader")
+    await chat.send(reader, type="join", room="news")
+    refused = await chat.send(reader, type="publish", room="news", message="x", ref="p")
+    assert refused[0]["code"] == "forbidden" and refused[0]["ref"] == "p"
+
+
+async def test_revoking_a_membership_removes_the_room_at_once() -> None:
+    """After revoke, the member's sockets get left(revoked), no more of the room, and a
+    resume of it is refused."""
+    chat = await private_chat()
+    await chat.memberships.grant("team-a", "bob", "write")
+    await chat.memberships.grant("team-a", "alice", "write")
+    bob, alice = await chat.connect("bob"), await chat.connect("alice")
+    for conn in (bob, alice):
+        await chat.send(conn, type="join", room="team-a")
+    got = await chat.send(alice, type="publish", room="team-a", message="before", ref="p")
+    last = next(f["id"] for f in got if f["type"] == "ack")
+    epoch = await chat.broker.epoch("team-a")
+    sent(bob)
+    assert await chat.service.revoke("team-a", "bob") is True
+    await settle()
+    assert {"type": "left", "room": "team-a", "reason": "revoked"} in sent(bob)
+    await chat.send(alice, type="publish", room="team-a", message="after")
+    assert [f for f in sent(bob) if f["type"] == "message"] == []
+    again = await chat.send(bob, type="join", room="team-a", since=last, epoch=epoch)
+    assert again[0]["code"] == "forbidden" and "team-a" not in bob.rooms
+
+
+async def test_a_grant_takes_effect_at_the_next_join_and_a_downgrade_at_once() -> None:
+    """Granted write: the join works; downgraded to read: publishes are refused at once."""
+    chat = await private_chat()
+    carol = await chat.connect("carol")
+    await chat.service.grant("team-b", "carol", "write")
+    await chat.send(carol, type="join", room="team-b")
+    await chat.service.grant("team-b", "carol", "read")
+    await settle()
+    refused = await chat.send(carol, type="publish", room="team-b", message="x")
+    assert refused[0]["code"] == "forbidden"
+
+
+async def test_a_closed_lobby_greets_without_joining_it() -> None:
+    """When the rules close the lobby, the welcome lists no room and nothing is joined."""
+    chat = Chat(rules="lobby read=group:staff; team-* read=open")
+    await chat.broker.start(chat.service)
+    dana = await chat.connect("dana")
+    frames = sent(dana)
+    assert frames[0]["type"] == "welcome" and frames[0]["rooms"] == [] and dana.rooms == set()

@@ -298,7 +298,18 @@ socket.addEventListener("joined", ({ detail }) => {
 });
 
 socket.addEventListener("left", ({ detail }) => {
-  if (rooms.delete(detail.room)) renderAll();
+  if (!rooms.delete(detail.room)) return;
+  if (current === detail.room) current = LOBBY;
+  if (detail.reason === "revoked") el.joinError.textContent = `You no longer have access to # ${detail.room}.`;
+  renderAll();
+});
+
+// A join the room rules refuse (same answer whether or not the room exists).
+socket.addEventListener("refused", ({ detail }) => {
+  rooms.delete(detail.room);
+  if (current === detail.room) current = LOBBY;
+  el.joinError.textContent = `You may not join # ${detail.room}.`;
+  renderAll();
 });
 
 socket.addEventListener("message", ({ detail }) => addItem(detail.room, detail));

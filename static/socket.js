@@ -10,6 +10,9 @@ const CLOSE = Object.freeze({
 
 const LOBBY = "lobby";
 
+/** The ref a join carries, so a refusal of it is told from a refused publish. */
+const joinRef = (room) => `join:${room}`;
+
 /** Parse a stream id "<ms>-<seq>" into [ms, seq]; ids compare as two integers. */
 export function parseId(id) {
   const m = /^(\d+)-(\d+)$/.exec(String(id));
@@ -113,7 +116,7 @@ export class ChatSocket extends EventTarget {
 
   join(room) {
     if (!this.rooms.has(room)) this.rooms.set(room, newRoom());
-    return this.send({ type: "join", room });
+    return this.send({ type: "join", room, ref: joinRef(room) });
   }
 
   leave(room) {
@@ -247,8 +250,15 @@ export class ChatSocket extends EventTarget {
         if (state) this.onRecovered(frame, state);
         return this.emit("joined", frame);
       case "left":
+        if (frame.reason) this.rooms.delete(frame.room);     // revoked: never rejoin it
         return this.emit("left", frame);
-      case "presence": case "members": case "ack": case "error": case "direct":
+      case "error":
+        if (frame.code === "forbidden" && frame.ref === joinRef(frame.room)) {
+          this.rooms.delete(frame.room);                     // refused: never retry it
+          return this.emit("refused", frame);
+        }
+        return this.emit("error", frame);
+      case "presence": case "members": case "ack": case "direct":
         return this.emit(frame.type, frame);
       default:
         return undefined;                                    // newer server, unknown frame
@@ -262,7 +272,7 @@ export class ChatSocket extends EventTarget {
     const joinedByServer = new Set(frame.rooms ?? []);
     for (const [room, state] of this.rooms) {
       if (joinedByServer.has(room)) continue;
-      const join = { type: "join", room };
+      const join = { type: "join", room, ref: joinRef(room) };
       if (state.lastId && state.epoch) {
         Object.assign(join, { since: state.lastId, epoch: state.epoch });
         state.buffer = [];

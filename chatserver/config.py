@@ -90,7 +90,8 @@ class Settings:
         "Redis its own", group=SERVER)
     log_level: str = setting(
         "CHAT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR; logs never hold tokens, "
-        "cookies or message bodies at INFO", group=SERVER,
+        "cookies or message bodies at INFO; connects are a counted line a second at INFO, "
+        "one line each at DEBUG", group=SERVER,
         parse=parse_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     metrics_token: str | None = setting(
         "CHAT_METRICS_TOKEN", None, "bearer token `/metrics` requires; unset: only direct "

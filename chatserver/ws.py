@@ -71,6 +71,21 @@ def _abort_if_stuck(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
+class Tally:
+    """Connects, disconnects and refused upgrades since the last line."""
+
+    __slots__ = ("connected", "disconnected", "refused")
+
+    def __init__(self) -> None:
+        self.connected = self.disconnected = self.refused = 0
+
+    def log(self, open_now: int) -> None:
+        if self.connected or self.disconnected or self.refused:
+            log.info("connections: +%d -%d refused %d, %d open",
+                     self.connected, self.disconnected, self.refused, open_now)
+            self.connected = self.disconnected = self.refused = 0
+
+
 class WsEndpoint:
     """The /ws route and the lifecycle of its sockets. The route is the bound method
     `handle` and the read loop is inline in `_serve`, not wrappers or closures: every
@@ -85,6 +100,7 @@ class WsEndpoint:
         self.instance = instance
         self.draining = asyncio.Event()  # set at shutdown: /readyz 503, new sockets 1013
         self._closer = Closer(metrics)
+        self.tally = Tally()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.draining.is_set():
@@ -104,7 +120,9 @@ class WsEndpoint:
         user = request.get(USER)
         if user is None:
             close = request.get(AUTH_FAILURE, NOT_SIGNED_IN)
-            log.info("refused upgrade from %s: %s", request.remote, close.reason)
+            self.tally.refused += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("refused upgrade from %s: %s", request.remote, close.reason)
             await ws.close(code=close.code, message=close.reason.encode())
             return ws
         refusal = self._refusal(user)
@@ -152,7 +170,9 @@ class WsEndpoint:
         if bad_resume:
             detail = "since must be a message id; joined without resume"
             conn.send(protocol.error(BAD_REQUEST, detail))
-        log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, self.instance)
+        self.tally.connected += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect %s user=%s", conn.id, conn.user.sub)
         task = asyncio.current_task()
         assert task is not None
         try:
@@ -183,17 +203,20 @@ class WsEndpoint:
             await self.chat.disconnect(conn)
             code = conn.close.code if conn.close else conn.ws.close_code
             reason = conn.close.reason if conn.close else "client closed"
-            log.info(
-                "disconnect %s user=%s instance=%s code=%s reason=%s",
-                conn.id, conn.user.sub, self.instance, code, reason,
-            )
+            self.tally.disconnected += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("disconnect %s user=%s code=%s reason=%s",
+                          conn.id, conn.user.sub, code, reason)
 
     async def watch_expiry(self, every: float = 1.0) -> None:
         """Close sockets whose token expired (4001), sweeping once a second: one task per
-        worker instead of a timer per connection (memory per idle socket is what counts)."""
+        worker instead of a timer per connection (memory per idle socket is what counts).
+        The same beat writes the connection tally: at INFO a line a second at most, not a
+        line per connect (a reconnect storm would be a log storm)."""
         leeway = self.settings.token_leeway
         while True:
             await asyncio.sleep(every)
+            self.tally.log(len(self.chat.hub.connections))
             now = time.time()
             for conn in [c for c in self.chat.hub.connections if c.user.exp + leeway <= now]:
                 conn.kick(TOKEN_EXPIRED)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from chatserver.app import create_app
+from chatserver.app import ENDPOINT, create_app
 from chatserver.config import load_settings
 from chatserver.observability import QuietAiohttp
 
@@ -85,3 +85,25 @@ def test_our_own_handler_errors_keep_their_traceback() -> None:
     record = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "Error handling request",
                                (), (type(error), error, None))
     assert QuietAiohttp().filter(record) and record.exc_info is not None
+
+
+async def test_connects_are_one_counted_info_line_not_a_line_each(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five connects log no INFO line each; the once-a-second tally line says +5."""
+    caplog.set_level(logging.INFO, logger="chatserver")
+    app = await create_app(load_settings({"CHAT_COOKIE_SECURE": "0"}, env_file=None))
+    client = await aiohttp_client(app)
+    origin = {"Origin": "http://127.0.0.1:3020"}
+    sockets = []
+    for n in range(5):
+        await client.post("/auth/login", json={"username": f"u{n}"}, headers=origin)
+        sockets.append(await client.ws_connect("/ws", headers=origin))
+        await sockets[-1].receive_json()
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatserver.ws"]
+    assert lines == []  # nothing per connection at INFO
+    app[ENDPOINT].tally.log(5)  # what the once-a-second beat does
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatserver.ws"]
+    assert lines == ["connections: +5 -0 refused 0, 5 open"]
+    for ws in sockets:
+        await ws.close()

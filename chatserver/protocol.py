@@ -1,7 +1,7 @@
-"""Wire protocol v1: client frames parsed into commands, server events encoded to bytes.
+"""Wire protocol v1, the whole vocabulary of /ws: client frames parsed into commands,
+one builder per server frame (JSON bytes, encoded once), and every close as a named value.
 
-Pure: no I/O, no aiohttp, no Redis. Close and error codes are named here, each saying
-whether the client should retry. docs/PROTOCOL.md is the contract this implements.
+Pure: no I/O, no aiohttp, no Redis. docs/PROTOCOL.md is the contract this implements.
 """
 
 from __future__ import annotations
@@ -12,14 +12,47 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-# Close codes. Retry means "reconnect with backoff and jitter".
-CLOSE_NORMAL: Final = 1000  # terminal: signed out, or the client asked
-CLOSE_GOING_AWAY: Final = 1001  # retry: shutdown or restart
-CLOSE_POLICY: Final = 1008  # terminal until signed in again: bad auth, flooding
-CLOSE_TOO_LARGE: Final = 1009  # terminal: the client sent a frame over the limit
-CLOSE_INTERNAL: Final = 1011  # retry
-CLOSE_TRY_LATER: Final = 1013  # retry, later: slow consumer, overload
-CLOSE_TOKEN_EXPIRED: Final = 4001  # refresh the token, then retry
+# ------------------------------------------------------------------ closes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """A close the server sends: code, reason, and whether the client reconnects."""
+
+    code: int
+    reason: str
+    retry: bool  # True: reconnect with backoff and jitter; False: stay closed
+
+    def because(self, detail: str) -> Close:
+        return Close(self.code, f"{self.reason}: {detail}", self.retry)
+
+
+# Terminal. The browser client decides by code alone (static/socket.js).
+SIGNED_OUT: Final = Close(1000, "signed out", retry=False)
+NOT_SIGNED_IN: Final = Close(1008, "missing token", retry=False)
+INVALID_TOKEN: Final = Close(1008, "invalid token", retry=False)  # .because(reason)
+FLOODING: Final = Close(1008, "rate limit exceeded", retry=False)
+# aiohttp's reader sends this one itself for a frame over CHAT_MAX_MESSAGE_BYTES.
+TOO_LARGE_FRAME: Final = Close(1009, "message too big", retry=False)
+# Retry.
+SHUTTING_DOWN: Final = Close(1001, "server shutting down", retry=True)
+KEYS_UNAVAILABLE: Final = Close(1011, "auth keys unavailable, retry", retry=True)
+SLOW_CONSUMER: Final = Close(1013, "slow consumer", retry=True)
+RESUME_BACKLOG: Final = Close(1013, "resume backlog", retry=True)
+BROKER_DOWN: Final = Close(1013, "broker unavailable", retry=True)
+DRAINING: Final = Close(1013, "server shutting down", retry=True)
+SERVER_FULL: Final = Close(1013, "server full", retry=True)
+USER_FULL: Final = Close(1013, "too many connections for this user", retry=True)
+# Retry after POST /auth/refresh.
+TOKEN_EXPIRED: Final = Close(4001, "token expired", retry=True)
+
+CLOSES: Final = (
+    SIGNED_OUT, NOT_SIGNED_IN, INVALID_TOKEN, FLOODING, TOO_LARGE_FRAME, SHUTTING_DOWN,
+    KEYS_UNAVAILABLE, SLOW_CONSUMER, RESUME_BACKLOG, BROKER_DOWN, DRAINING, SERVER_FULL,
+    USER_FULL, TOKEN_EXPIRED,
+)
+
+# ------------------------------------------------------------ error codes
 
 # Error frame codes; the connection stays open after any of them.
 BAD_REQUEST: Final = "bad_request"
@@ -28,15 +61,40 @@ RATE_LIMITED: Final = "rate_limited"
 FORBIDDEN: Final = "forbidden"
 UNAVAILABLE: Final = "unavailable"
 
+# ------------------------------------------------------------- identifiers
+
 LOBBY: Final = "lobby"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+ROOM_RULE = "room must be 1-64 characters of A-Z a-z 0-9 _ . -"
+# A user id as our issuers make them (Cognito: a UUID; dev: a UUIDv5); no whitespace or
+# control characters, since a sub is framed into per-user broker traffic.
+SUB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only, not \d
+MAX_ID_PART: Final = 2**64 - 1
 MAX_REF_CHARS: Final = 64
-MAX_SUB_CHARS: Final = 128
+MAX_EPOCH_CHARS: Final = 64
 
 # Every stored message frame starts with these bytes, then the id, then `"`: the
-# pub/sub path reads the id without parsing JSON (see message_id_of).
+# pub/sub path reads the id without parsing JSON (see message_id_of), and the broker's
+# publish script is handed them (never a copy of its own).
 MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
+
+
+def is_message_id(value: object) -> bool:
+    """A stream id `<ms>-<seq>`, both parts ASCII digits that fit in 64 bits."""
+    if not isinstance(value, str):
+        return False
+    match = _STREAM_ID.fullmatch(value)
+    return match is not None and all(int(part) <= MAX_ID_PART for part in match.groups())
+
+
+def parse_id(message_id: str) -> tuple[int, int]:
+    """Stream ids `<ms>-<seq>` order as pairs of integers, not as strings."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# ------------------------------------------------------------ client frames
 
 
 class ProtocolError(Exception):
@@ -64,16 +122,19 @@ class Join:
     room: str
     since: str | None = None
     epoch: str | None = None
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Leave:
     room: str
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Members:
     room: str
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +142,10 @@ class Direct:
     to: str
     text: str
     ref: str | None = None
+
+    @property
+    def room(self) -> None:
+        return None  # about no room: every command answers .room and .ref
 
 
 Command = Publish | Join | Leave | Members | Direct
@@ -90,12 +155,12 @@ def parse_client_frame(data: str, *, max_text_chars: int) -> Command:
     """Turn one text frame into a command, or raise ProtocolError saying what is wrong."""
     try:
         frame = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError(BAD_REQUEST, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError(BAD_REQUEST, "frame must be a JSON object")
     ref = frame.get("ref")
-    if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_REF_CHARS):
+    if ref is not None and not (_is_text(ref) and len(ref) <= MAX_REF_CHARS):
         raise ProtocolError(BAD_REQUEST, f"ref must be a string of at most {MAX_REF_CHARS}")
     kind = frame.get("type", "publish")
     if kind == "publish":
@@ -104,18 +169,20 @@ def parse_client_frame(data: str, *, max_text_chars: int) -> Command:
     if kind == "join":
         room = _room(frame.get("room"), ref)
         since, epoch = frame.get("since"), frame.get("epoch")
-        if since is not None and not (isinstance(since, str) and STREAM_ID.fullmatch(since)):
-            raise ProtocolError(BAD_REQUEST, "since must be a message id like 1700000000000-0", ref)
-        if epoch is not None and not (isinstance(epoch, str) and 0 < len(epoch) <= 64):
-            raise ProtocolError(BAD_REQUEST, "epoch must be a string", ref)
-        return Join(room, since, epoch)
+        if since is not None and not is_message_id(since):
+            raise ProtocolError(
+                BAD_REQUEST, "since must be a message id like 1700000000000-0", ref, room=room
+            )
+        if epoch is not None and not (_is_text(epoch) and 0 < len(epoch) <= MAX_EPOCH_CHARS):
+            raise ProtocolError(BAD_REQUEST, "epoch must be a string", ref, room=room)
+        return Join(room, since, epoch, ref)
     if kind == "leave":
-        return Leave(_room(frame.get("room"), ref))
+        return Leave(_room(frame.get("room"), ref), ref)
     if kind == "members":
-        return Members(_room(frame.get("room"), ref))
+        return Members(_room(frame.get("room"), ref), ref)
     if kind == "direct":
         to = frame.get("to")
-        if not isinstance(to, str) or not 0 < len(to) <= MAX_SUB_CHARS:
+        if not isinstance(to, str) or not SUB.fullmatch(to):
             raise ProtocolError(BAD_REQUEST, "to must be a user id", ref)
         return Direct(to, _text(frame, max_text_chars, ref), ref)
     raise ProtocolError(BAD_REQUEST, f"unknown type {str(kind)[:32]!r}", ref)
@@ -123,24 +190,83 @@ def parse_client_frame(data: str, *, max_text_chars: int) -> Command:
 
 def _room(value: Any, ref: str | None) -> str:
     if not isinstance(value, str) or not ROOM_NAME.fullmatch(value):
-        raise ProtocolError(BAD_REQUEST, "room must be 1-64 characters of A-Z a-z 0-9 _ . -", ref)
+        raise ProtocolError(BAD_REQUEST, ROOM_RULE, ref)
     return value
 
 
 def _text(frame: dict[str, Any], max_chars: int, ref: str | None) -> str:
     text = frame.get("message")
-    if not isinstance(text, str) or not text.strip():
+    if not _is_text(text) or not text.strip():
         raise ProtocolError(BAD_REQUEST, "message must be a non-empty string", ref)
     if len(text) > max_chars:
         raise ProtocolError(TOO_LARGE, f"message is over {max_chars} characters", ref)
     return text
 
 
-# ---------------------------------------------------------------- server events
+def _is_text(value: Any) -> bool:
+    """A string that is valid Unicode: JSON's \\ud800 escapes can smuggle in a lone
+    surrogate, which no UTF-8 frame can carry back out."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------ server frames
 
 
 def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def welcome(user: dict[str, Any], rooms: list[str], instance: str) -> bytes:
+    return encode({"type": "welcome", "user": user, "rooms": rooms, "instance": instance})
+
+
+def joined(room: str, epoch: str) -> bytes:
+    return encode({"type": "joined", "room": room, "epoch": epoch})
+
+
+def left(room: str) -> bytes:
+    return encode({"type": "left", "room": room})
+
+
+def recovered(room: str, complete: bool, epoch: str) -> bytes:
+    return encode({"type": "recovered", "room": room, "complete": complete, "epoch": epoch})
+
+
+def ack(ref: str, message_id: str | None) -> bytes:
+    return encode({"type": "ack", "ref": ref, "id": message_id})
+
+
+def members(room: str, found: list[dict[str, str]]) -> bytes:
+    return encode({"type": "members", "room": room, "members": found})
+
+
+def presence(room: str, event: str, user: dict[str, str]) -> bytes:
+    """`event` is "join" or "leave"; `user` is {"sub", "username"}."""
+    return encode({"type": "presence", "room": room, "event": event, "user": user})
+
+
+def direct(
+    message_id: str, sender: str, username: str, to: str, text: str, ts: int
+) -> bytes:
+    return encode({
+        "type": "direct", "id": message_id, "from": sender, "user": sender,
+        "username": username, "to": to, "message": text, "ts": ts,
+    })
+
+
+def error(code: str, detail: str, ref: str | None = None, room: str | None = None) -> bytes:
+    event: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+    if ref is not None:
+        event["ref"] = ref
+    if room is not None:
+        event["room"] = room
+    return encode(event)
 
 
 def message_tail(room: str, user: str, username: str, text: str, ts: int) -> bytes:
@@ -159,27 +285,6 @@ def message_id_of(payload: bytes) -> str | None:
         return None
     end = payload.find(b'"', len(MESSAGE_PREFIX))
     return payload[len(MESSAGE_PREFIX) : end].decode() if end > 0 else None
-
-
-def parse_id(message_id: str) -> tuple[int, int]:
-    """Stream ids `<ms>-<seq>` order as pairs of integers, not as strings."""
-    ms, _, seq = message_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def error_event(
-    code: str, detail: str, ref: str | None = None, room: str | None = None
-) -> dict[str, Any]:
-    event: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
-    if ref is not None:
-        event["ref"] = ref
-    if room is not None:
-        event["room"] = room
-    return event
-
-
-def presence_event(room: str, event: str, user: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "presence", "room": room, "event": event, "user": user}
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -2,7 +2,7 @@
 
 A broker carries payloads (bytes of JSON, never re-encoded on the way) between the
 workers of every instance. Room messages are stored first and get their id from the
-store; the broker hands each payload of a subscribed room to `on_room` exactly once per
+store; the broker hands each payload of a subscribed room to its sink exactly once per
 worker, in id order, replaying from the store after a reconnect or a new subscription
 so that nothing is skipped in between (pub/sub alone is at-most-once).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class BrokerUnavailable(Exception):
@@ -37,21 +37,21 @@ class Member:
         return {"sub": self.sub, "username": self.username}
 
 
-RoomHandler = Callable[[str, bytes], None]  # (room, payload)
-UserHandler = Callable[[str, bytes], None]  # (sub, payload)
-StateHandler = Callable[[bool], None]  # connected or not
+class Sink(Protocol):
+    """Where a broker hands what it receives: the worker's Hub."""
+
+    def deliver_room(self, room: str, payload: bytes) -> None: ...
+
+    def deliver_user(self, sub: str, payload: bytes) -> None: ...
 
 
 class Broker(abc.ABC):
-    """One per worker. Subscriptions are reference counted by the Hub, not here."""
-
-    def __init__(self) -> None:
-        self.on_room: RoomHandler = _ignore
-        self.on_user: UserHandler = _ignore
-        self.on_state: StateHandler = _ignore_state
+    """One per worker. Subscriptions and presence are counted by the Hub: the broker is
+    told of a room's first local member and a user's first local connection, never more."""
 
     @abc.abstractmethod
-    async def start(self) -> None: ...
+    async def start(self, sink: Sink) -> None:
+        """Begin handing received payloads to `sink` (nothing is received before)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -91,7 +91,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def position(self, room: str) -> tuple[int, int] | None:
-        """The last message id this worker has handed to on_room for a subscribed room."""
+        """The last message id this worker has handed to its sink for a subscribed room."""
 
     @abc.abstractmethod
     async def epoch(self, room: str) -> str:
@@ -101,23 +101,12 @@ class Broker(abc.ABC):
     async def history(self, room: str, since: str, epoch: str | None) -> Replay: ...
 
     @abc.abstractmethod
-    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
-        """Record that a member's first connection here joined the room (or its last one
-        left). When that makes them present (or absent) across all instances and the room
-        has at most the event limit of members, `event` is broadcast to the room. Best
-        effort, in order with publishes; returns at once."""
+    def presence(self, room: str, member: Member, joined: bool) -> None:
+        """Record that a member's first connection on this worker joined the room (or its
+        last one left). When that makes them present (absent) across all instances, and
+        the room had at most the event limit of members with them, a `presence` frame
+        (protocol.presence) goes to the room. Best effort, in order with publishes;
+        returns at once."""
 
     @abc.abstractmethod
     async def members(self, room: str) -> list[Member]: ...
-
-    @abc.abstractmethod
-    async def hit(self, key: str, window: int) -> int:
-        """Count one hit on `key` in the current fixed window of `window` seconds."""
-
-
-def _ignore(key: str, payload: bytes) -> None:
-    return None
-
-
-def _ignore_state(connected: bool) -> None:
-    return None

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 
+from .. import protocol
 from ..protocol import message_frame, parse_id
-from .base import Broker, Member, Replay
+from .base import Broker, Member, Replay, Sink
 
 
 class _Stream:
@@ -35,17 +36,16 @@ class _Stream:
 
 class MemoryBroker(Broker):
     def __init__(self, *, history_maxlen: int = 1000, presence_event_limit: int = 100) -> None:
-        super().__init__()
         self._maxlen = history_maxlen
         self._event_limit = presence_event_limit
         self._streams: dict[str, _Stream] = {}
         self._rooms: set[str] = set()
         self._users: set[str] = set()
-        self._presence: dict[str, dict[Member, int]] = defaultdict(dict)
-        self._hits: dict[str, tuple[int, int]] = {}
+        self._presence: dict[str, set[Member]] = {}
+        self._sink: Sink | None = None
 
-    async def start(self) -> None:
-        self.on_state(True)
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
 
     async def close(self) -> None:
         return None
@@ -63,19 +63,21 @@ class MemoryBroker(Broker):
     def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
         stream = self._stream(room)
         message_id = stream.add(tail)
-        if room in self._rooms:
-            self.on_room(room, stream.entries[-1][1])
+        self._to_room(room, stream.entries[-1][1])
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         done.set_result(message_id)
         return done
 
+    def _to_room(self, room: str, payload: bytes) -> None:
+        if room in self._rooms and self._sink is not None:
+            self._sink.deliver_room(room, payload)
+
     async def publish_event(self, room: str, payload: bytes) -> None:
-        if room in self._rooms:
-            self.on_room(room, payload)
+        self._to_room(room, payload)
 
     async def send_user(self, sub: str, payload: bytes) -> None:
-        if sub in self._users:
-            self.on_user(sub, payload)
+        if sub in self._users and self._sink is not None:
+            self._sink.deliver_user(sub, payload)
 
     async def subscribe_room(self, room: str) -> None:
         self._rooms.add(room)
@@ -103,27 +105,18 @@ class MemoryBroker(Broker):
         frames = [frame for key, frame in stream.entries if key > after]
         return Replay(frames, same_epoch and after >= stream.max_deleted, stream.epoch)
 
-    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
-        here = self._presence[room]
-        count = here.get(member, 0) + (1 if joined else -1)
-        if count > 0:
-            here[member] = count
+    def presence(self, room: str, member: Member, joined: bool) -> None:
+        here = self._presence.setdefault(room, set())
+        before = len(here)
+        if joined:
+            here.add(member)
         else:
-            here.pop(member, None)
-        changed = count == 1 if joined else count <= 0
-        if changed and len(here) <= self._event_limit and room in self._rooms:
-            self.on_room(room, event)
+            here.discard(member)
+        if len(here) != before and max(before, len(here)) <= self._event_limit:
+            event = "join" if joined else "leave"
+            self._to_room(room, protocol.presence(room, event, member.public()))
         if not here:
             del self._presence[room]
 
     async def members(self, room: str) -> list[Member]:
-        return sorted(self._presence.get(room, {}), key=lambda m: m.username)
-
-    async def hit(self, key: str, window: int) -> int:
-        slot = int(time.time()) // window
-        if len(self._hits) > 100_000:
-            self._hits = {k: v for k, v in self._hits.items() if v[0] == slot}
-        start, count = self._hits.get(key, (slot, 0))
-        count = count + 1 if start == slot else 1
-        self._hits[key] = (slot, count)
-        return count
+        return sorted(self._presence.get(room, ()), key=lambda m: m.username)

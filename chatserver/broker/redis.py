@@ -24,15 +24,16 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from ..protocol import encode, message_frame, message_id_of, parse_id, presence_event
-from .base import Broker, BrokerUnavailable, Member, Replay
+from .. import protocol
+from ..protocol import MESSAGE_PREFIX, message_frame, message_id_of, parse_id
+from .base import Broker, BrokerUnavailable, Member, Replay, Sink
 
 log = logging.getLogger(__name__)
 
 PUBLISH_LUA = """
 redis.call('SET', KEYS[3], ARGV[3], 'NX')
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[2])
-redis.call('PUBLISH', KEYS[2], '{"type":"message","id":"' .. id .. ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[4] .. id .. ARGV[2])
 return id
 """
 
@@ -122,7 +123,6 @@ class RedisBroker(Broker):
         on_reconnect: Callable[[], None] | None = None,
         on_listener_restart: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__()
         self._url = url
         self._instance = instance
         self._prefix = prefix
@@ -162,7 +162,8 @@ class RedisBroker(Broker):
         self._users: set[str] = set()
         self._shards: dict[int, int] = {}  # user shard -> local users in it
         self._shard_ready: dict[int, asyncio.Future[None]] = {}  # resolved on confirmation
-        self._present: dict[str, dict[Member, int]] = {}  # room -> members here
+        self._present: dict[str, set[Member]] = {}  # room -> members on this worker
+        self._sink: Sink | None = None
         self._pubsub: PubSub | None = None
         self._connected = False
         self._backoff = MIN_BACKOFF
@@ -195,7 +196,8 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
         self._listener = asyncio.create_task(self._listen_forever(), name="redis-listener")
         self._listener.add_done_callback(self._listener_done)
         self._presence_task = asyncio.create_task(self._refresh_presence(), name="presence")
@@ -231,9 +233,7 @@ class RedisBroker(Broker):
         return self._connected
 
     def _set_connected(self, value: bool) -> None:
-        if value != self._connected:
-            self._connected = value
-            self.on_state(value)
+        self._connected = value
 
     # --------------------------------------------------------------- listener
 
@@ -287,7 +287,8 @@ class RedisBroker(Broker):
                 self._deliver_room(channel[len(self._room_channel_prefix) :].decode(), msg["data"])
             elif channel.startswith(self._user_channel_prefix):
                 sub, _, payload = msg["data"].partition(b"\n")
-                self.on_user(sub.decode(), payload)
+                if self._sink is not None:
+                    self._sink.deliver_user(sub.decode(), payload)
         elif kind == "subscribe" and channel.startswith(self._room_channel_prefix):
             await self._catch_up(channel[len(self._room_channel_prefix) :].decode())
         elif kind == "subscribe" and channel.startswith(self._user_channel_prefix):
@@ -305,7 +306,8 @@ class RedisBroker(Broker):
             if key <= last:
                 return  # already delivered by a catch-up replay
             self._rooms[room] = key
-        self.on_room(room, payload)
+        if self._sink is not None:
+            self._sink.deliver_room(room, payload)
 
     async def _catch_up(self, room: str) -> None:
         """Deliver what the stream holds after the last id this worker delivered."""
@@ -361,7 +363,8 @@ class RedisBroker(Broker):
             future.set_exception(BrokerUnavailable("too many publishes waiting for redis"))
             return future
         keys = [self._stream_key(room), self._room_channel(room), self._epoch_key(room)]
-        self._enqueue(self._publish, keys, [self._maxlen, tail, uuid.uuid4().hex], future)
+        args = [self._maxlen, tail, uuid.uuid4().hex, MESSAGE_PREFIX]
+        self._enqueue(self._publish, keys, args, future)
         return future
 
     def _enqueue(self, script: Any, keys: list[str], args: list[Any],
@@ -492,15 +495,6 @@ class RedisBroker(Broker):
         complete = epoch == current and parse_id(since) >= parse_id(max_deleted.decode())
         return Replay(frames, complete, current)
 
-    async def hit(self, key: str, window: int) -> int:
-        slot = int(time.time()) // window
-        name = f"{self._prefix}hits:{key}:{slot}"
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.incr(name)
-            pipe.expire(name, window * 2)
-            count, _ = await self._call("hit", pipe.execute())
-        return int(count)
-
     # --------------------------------------------------------------- presence
 
     def _member_key(self, member: Member) -> str:
@@ -511,21 +505,20 @@ class RedisBroker(Broker):
         return [self._presence_key(room), f"{self._prefix}present:{room}",
                 self._room_channel(room)]
 
-    def presence(self, room: str, member: Member, joined: bool, event: bytes) -> None:
-        here = self._present.setdefault(room, {})
-        count = here.get(member, 0) + (1 if joined else -1)
-        if count > 0:
-            here[member] = count
-        else:
-            here.pop(member, None)
-            if not here:
-                del self._present[room]
-        if joined and count == 1:
+    def presence(self, room: str, member: Member, joined: bool) -> None:
+        if joined:
+            self._present.setdefault(room, set()).add(member)
             ttl = int(self._presence_ttl * 4)
+            event = protocol.presence(room, "join", member.public())
             args = [self._member_key(member), time.time() + self._presence_ttl, member.sub, ttl,
                     self._event_limit, event]
             self._enqueue(self._presence_join, self._presence_keys(room), args, None)
-        elif not joined and count <= 0:
+        else:
+            here = self._present.get(room, set())
+            here.discard(member)
+            if not here:
+                self._present.pop(room, None)
+            event = protocol.presence(room, "leave", member.public())
             args = [self._member_key(member), member.sub, self._event_limit, event]
             self._enqueue(self._presence_leave, self._presence_keys(room), args, None)
 
@@ -563,16 +556,13 @@ class RedisBroker(Broker):
             for item in gone:
                 sub, _, rest = item.decode().partition("\t")
                 member = Member(sub, rest.partition("\t")[2])
-                event = presence_event(room, "leave", member.public())
-                await self.publish_event(room, encode(event))
+                await self.publish_event(room, protocol.presence(room, "leave", member.public()))
 
     def _drop_local_presence(self) -> None:
         """On a clean shutdown, this worker's members leave at once (events included)."""
         for room, here in list(self._present.items()):
             for member in list(here):
-                event = encode(presence_event(room, "leave", member.public()))
-                here[member] = 1
-                self.presence(room, member, False, event)
+                self.presence(room, member, False)
 
 
 def user_shard(sub: str) -> int:

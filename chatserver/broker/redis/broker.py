@@ -144,14 +144,19 @@ class RedisBroker(Broker):
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         keys = [self._keys.stream(room), self._keys.epoch(room)]
         args: list[str | int] = [since, self._maxlen, uuid.uuid4().hex, epoch or ""]
-        current, max_deleted, entries = await _call(
+        current, max_deleted, newest = await _call(
             "history", self._scripts.history(keys=keys, args=args)
         )
         current = current.decode()
         frames = [
-            message_frame(eid.decode(), dict(_pairs(fields))[b"t"]) for eid, fields in entries
+            message_frame(eid.decode(), dict(_pairs(fields))[b"t"])
+            for eid, fields in reversed(newest[: self._maxlen])
         ]
-        complete = epoch == current and parse_id(since) >= parse_id(max_deleted.decode())
+        complete = (
+            epoch == current
+            and len(newest) <= self._maxlen  # else older ones were left out
+            and parse_id(since) >= parse_id(max_deleted.decode())
+        )
         return Replay(frames, complete, current)
 
     # ------------------------------------------------------------ presence

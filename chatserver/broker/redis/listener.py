@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from ...protocol import message_frame, message_id_of, parse_id
 from ..base import Sink
+from .client import stop
 from .keys import Keys
 from .users import UserShards, open_envelope
 
@@ -80,12 +81,8 @@ class Listener:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = [task for task in (self._task, self._subscriber) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await task
+        await stop(self._task)
+        await stop(self._subscriber)
         await self._drop_pubsub()
 
     # ------------------------------------------------------------ subscriptions
@@ -102,16 +99,17 @@ class Listener:
     def subscription(self, subscribe: bool, channel: str) -> None:
         """Queue a (un)subscribe; those of one loop pass go out as one command each way."""
         self._changes[channel] = subscribe
-        if self._subscriber is None or self._subscriber.done():
+        self._send_changes()
+
+    def _send_changes(self) -> None:
+        if self._changes and (self._subscriber is None or self._subscriber.done()):
             self._subscriber = asyncio.create_task(self._send_subscriptions())
 
     async def _send_subscriptions(self) -> None:
         await asyncio.sleep(0)
-        while self._changes:
+        # While (re)connecting, changes wait: the connection sends them once it is up.
+        while self._changes and self._connected and (pubsub := self._pubsub) is not None:
             changes, self._changes = self._changes, {}
-            pubsub = self._pubsub
-            if pubsub is None or not self._connected:
-                return  # the listener subscribes everything wanted when it reconnects
             on = [channel for channel, wanted in changes.items() if wanted]
             off = [channel for channel, wanted in changes.items() if not wanted]
             try:
@@ -144,6 +142,7 @@ class Listener:
 
     async def _listen_once(self) -> None:
         self._on_connecting()
+        self._changes.clear()  # `wanted` below is the state they were changing
         pubsub = self._pubsub = self._client.pubsub()
         wanted = [self._instance_channel]
         wanted += [self._keys.room_channel(room) for room in self.rooms]
@@ -152,6 +151,7 @@ class Listener:
         await self._commands.ping()
         self._connected = True
         self._backoff = MIN_BACKOFF
+        self._send_changes()  # those made while connecting
         log.info("redis pub/sub connected; %d channels", len(wanted))
         last_seen = time.monotonic()
         while True:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from ..base import BrokerUnavailable
+from .client import stop
 from .scripts import Call, Scripts
 
 PUBLISH_BATCH = 256  # calls per pipeline round trip
@@ -53,9 +54,7 @@ class Outbox:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(sender), DRAIN_TIMEOUT)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        await stop(sender)
 
     async def _send(self) -> None:
         await asyncio.sleep(0)  # let this loop pass add to the batch

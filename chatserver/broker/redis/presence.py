@@ -5,7 +5,6 @@ sweep of dead instances' entries, and the members list."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -16,6 +15,7 @@ from redis.exceptions import RedisError
 
 from ... import protocol
 from ..base import Member
+from .client import stop
 from .keys import Keys
 from .outbox import Outbox
 from .scripts import Call, Scripts
@@ -58,10 +58,7 @@ class Presence:
         for room, here in list(self._here.items()):
             for member in list(here):
                 self.change(room, member, False)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
 
     def _entry(self, member: Member) -> str:
         username = member.username.replace("\t", " ")

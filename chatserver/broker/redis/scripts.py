@@ -21,9 +21,12 @@ redis.call('PUBLISH', KEYS[2], ARGV[4] .. id .. ARGV[2])
 return id
 """
 
-# Epoch, entries after `since` (all of them when the epoch changed: the client rebuilds
-# from what is kept), and the highest id ever trimmed (Redis >= 7.0), so that "history
-# no longer reaches since" is exact, not guessed from the first entry.
+# Epoch, the highest id ever trimmed (Redis >= 7.0, so that "history no longer reaches
+# since" is exact, not guessed from the first entry), and the newest maxlen + 1 entries
+# after `since` (after 0-0 when the epoch changed: the client rebuilds from what is
+# kept), newest first. Newest, since trimming is approximate (MAXLEN ~) and the stream
+# may hold more than maxlen: a replay must end at the room's last message; the extra
+# entry says that some were left out.
 HISTORY_LUA = """
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
 local epoch = redis.call('GET', KEYS[2])
@@ -36,7 +39,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
   end
 end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', ARGV[2])
+local count = tonumber(ARGV[2]) + 1
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '(' .. since, 'COUNT', count)
 return {epoch, maxdel, entries}
 """
 

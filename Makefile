@@ -1,11 +1,12 @@
 # make run: the server with embedded defaults (no Redis, dev sign-in) on http://127.0.0.1:3020/
-# make test: the whole suite (starts its own redis-server, nginx and chromium; see .ci/run)
+# make test: the whole suite; installs Debian's redis-server, nginx and chromium first when
+#   missing (scripts/install-test-deps.sh, the step .ci/run uses too), then starts its own
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-deps lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	CHAT_COOKIE_SECURE=0 $(BIN)/chatserver
 
-test: $(STAMP)
+# The tests drive real redis-server, nginx and chromium processes.
+test-deps:
+	PY=$(PY) scripts/install-test-deps.sh
+
+test: test-deps $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

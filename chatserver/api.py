@@ -6,10 +6,10 @@ import hmac
 
 from aiohttp import web
 
-from .auth.web import error
 from .broker.base import BrokerUnavailable
 from .chat import ChatService
-from .protocol import ROOM_NAME
+from .protocol import ROOM_NAME, ROOM_RULE
+from .responses import error
 
 
 class PublishApi:
@@ -23,9 +23,11 @@ class PublishApi:
         scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return None
+        # aiohttp hands non-UTF-8 header bytes in as surrogates: compare them as bytes.
+        candidate = presented.encode("utf-8", "surrogateescape")
         found = None
         for name, key in self._keys:
-            if hmac.compare_digest(presented.encode(), key):
+            if hmac.compare_digest(candidate, key):
                 found = name
         return found
 
@@ -35,7 +37,7 @@ class PublishApi:
             return error(401, "unauthenticated", "a valid Authorization: Bearer <key> is required")
         room = request.match_info["room"]
         if not ROOM_NAME.fullmatch(room):
-            return error(400, "bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
+            return error(400, "bad_request", ROOM_RULE)
         try:
             body = await request.json()
         except ValueError:

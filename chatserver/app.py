@@ -1,5 +1,5 @@
-"""create_app(settings): wiring only. State lives on the app under typed keys; resources
-open and close in cleanup_ctx, in order.
+"""create_app(settings): the one place the server is wired. Every part is built here,
+from settings, with what it needs passed in; cleanup_ctx only starts and stops them.
 """
 
 from __future__ import annotations
@@ -18,25 +18,24 @@ from redis.exceptions import RedisError
 from .api import PublishApi
 from .auth.cognito import CognitoClient, fetch_json
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
+from .auth.gate import AuthGate
+from .auth.routes import AuthRoutes, AuthService
 from .auth.tokens import TokenVerifier
-from .auth.web import AuthGate, AuthRoutes, AuthService
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
 from .chat import ChatService, Limits
 from .config import Settings
+from .counters import HitCounter, MemoryHitCounter, RedisHitCounter
 from .hub import Hub
 from .observability import Metrics, healthz_handler, metrics_handler, readyz_handler
-from .ws import Closer, WsContext, WsEndpoint, close_all, instance_name, watch_expiry
+from .ws import WsEndpoint, instance_name
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("chatserver.settings", Settings)
+CHAT = web.AppKey("chatserver.chat", ChatService)
 BROKER = web.AppKey("chatserver.broker", Broker)
-AUTH = web.AppKey("chatserver.auth", AuthService)
-WS = web.AppKey("chatserver.ws", WsContext)
-API = web.AppKey("chatserver.api", PublishApi)
-AUTH_ROUTES = web.AppKey("chatserver.auth_routes", AuthRoutes)
+ENDPOINT = web.AppKey("chatserver.ws", WsEndpoint)
 
 # No inline script or style anywhere; the page talks only to its own origin.
 CSP = (
@@ -45,73 +44,96 @@ CSP = (
 )
 
 
-def create_app(
+async def create_app(
     settings: Settings, *, broker: Broker | None = None, metrics: Metrics | None = None
 ) -> web.Application:
+    """The whole server. Async because two parts need the loop to be built: the HTTP
+    client session, and the dev signing key that workers share through Redis."""
     metrics = metrics or Metrics()
-    gate, endpoint = AuthGate(), WsEndpoint()
-    app = web.Application(
-        middlewares=[gate.middleware], client_max_size=settings.max_message_bytes
-    )
-    app[SETTINGS] = settings
     instance = instance_name()
-    app.cleanup_ctx.append(_services(settings, broker, metrics, instance, gate, endpoint))
-    app.on_shutdown.append(_close_sockets)
-    app.on_response_prepare.append(_security_headers)
+    store = _redis_client(settings) if settings.redis_url else None
+    session = aiohttp.ClientSession()
+    try:
+        auth = await _auth_service(settings, session, store, metrics)
+    except BaseException:
+        await session.close()
+        if store is not None:
+            await store.aclose()
+        raise
+    broker = broker or _make_broker(settings, instance, metrics)
+    hub = Hub(position=broker.position, on_delivered=metrics.messages_out.inc)
+    limits = Limits(max_rooms=settings.max_rooms, max_text_chars=settings.max_text_chars,
+                    flood_strikes=settings.rate_burst, user_rate=settings.per_user_rate,
+                    user_burst=settings.per_user_burst)
+    chat = ChatService(hub, broker, limits)
+    endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance)
+    gate = AuthGate(settings, auth.verifier, metrics)
 
-    app.router.add_get("/healthz", healthz_handler(instance))
-    app.router.add_get("/readyz", readyz_handler(_ready))
-    app.router.add_get("/metrics", metrics_handler(metrics))
-    app.router.add_get("/ws", endpoint.handle)
-    app.router.add_post("/api/rooms/{room}/messages", _api_publish)
-    for method, path in (("POST", "/auth/login"), ("POST", "/auth/refresh"),
-                         ("GET", "/auth/me"), ("POST", "/auth/logout")):
-        app.router.add_route(method, path, _auth_route)
-    static = Path(settings.static_dir)
-    if static.is_dir():
-        app.router.add_get("/", _index)
-        app.router.add_static("/", static, append_version=False)
-    return app
+    app = web.Application(middlewares=[gate.middleware],
+                          client_max_size=settings.max_message_bytes)
+    app[CHAT], app[BROKER], app[ENDPOINT] = chat, broker, endpoint
 
-
-def _services(  # type: ignore[no-untyped-def]
-    settings: Settings, given: Broker | None, metrics: Metrics, instance: str,
-    gate: AuthGate, endpoint: WsEndpoint,
-):
-    async def services(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession()
-        broker = given or _make_broker(settings, instance, metrics)
-        hub = Hub(position=broker.position, on_delivered=metrics.messages_out.inc)
-        broker.on_room = hub.deliver_room
-        broker.on_user = hub.deliver_user
-        await broker.start()
-        chat = ChatService(
-            hub,
-            broker,
-            Limits(settings.max_rooms, settings.max_text_chars, settings.rate_burst),
-        )
-        auth = await _auth_service(settings, session, broker, metrics)
-        app[BROKER] = broker
-        app[AUTH] = auth
-        app[WS] = WsContext(
-            settings, chat, metrics, Closer(metrics), instance, asyncio.Event()
-        )
-        app[API] = PublishApi(chat, settings.api_keys, settings.max_text_chars)
-        app[AUTH_ROUTES] = AuthRoutes(auth, chat.sign_out)
-        gate.auth = auth
-        endpoint.ctx = app[WS]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await broker.start(hub)
         await auth.verifier.prefetch()
-        expiry = asyncio.create_task(watch_expiry(app[WS]), name="token-expiry")
+        tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
+                 asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
         try:
             yield
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await broker.close()
             await session.close()
+            if store is not None:
+                await store.aclose()
 
-    return services
+    async def drain(app: web.Application) -> None:
+        await endpoint.drain()
+
+    def readiness() -> tuple[bool, str]:
+        if endpoint.draining.is_set():
+            return False, "draining"
+        if not broker.connected:
+            return False, "broker disconnected"
+        if not auth.verifier.ready:
+            return False, "auth keys unavailable"
+        return True, "ok"
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
+    app.on_response_prepare.append(_security_headers)
+    router = app.router
+    router.add_get("/healthz", healthz_handler(instance))
+    router.add_get("/readyz", readyz_handler(readiness))
+    router.add_get("/metrics", metrics_handler(metrics))
+    router.add_get("/ws", endpoint.handle)
+    api = PublishApi(chat, settings.api_keys, settings.max_text_chars)
+    router.add_post("/api/rooms/{room}/messages", api.publish)
+    AuthRoutes(auth, chat.sign_out).add_to(router)
+    _add_static(router, Path(settings.static_dir))
+    return app
+
+
+def _add_static(router: web.UrlDispatcher, static: Path) -> None:
+    if not static.is_dir():
+        return
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(static / "index.html")
+
+    router.add_get("/", index)
+    router.add_static("/", static, append_version=False)
+
+
+def _redis_client(settings: Settings) -> aioredis.Redis:
+    """Commands outside the broker: the sign-in counters and the shared dev key."""
+    assert settings.redis_url is not None
+    return aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                   socket_timeout=5)
 
 
 def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
@@ -133,10 +155,16 @@ def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
 
 
 async def _auth_service(
-    settings: Settings, session: aiohttp.ClientSession, broker: Broker, metrics: Metrics
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    store: aioredis.Redis | None,
+    metrics: Metrics,
 ) -> AuthService:
+    hits: HitCounter = (
+        RedisHitCounter(store, settings.redis_prefix) if store is not None else MemoryHitCounter()
+    )
     if settings.dev_auth:
-        dev = DevIssuer(await _dev_key(settings), ttl=settings.dev_token_ttl)
+        dev = DevIssuer(await _dev_key(settings, store), ttl=settings.dev_token_ttl)
 
         async def local_jwks() -> dict[str, object]:
             return dev.jwks()
@@ -145,7 +173,7 @@ async def _auth_service(
             return TokenVerifier(issuers=[DEV_ISSUER], client_id=DEV_CLIENT_ID, token_uses=uses,
                                  fetch_jwks=local_jwks, leeway=settings.token_leeway)
 
-        return AuthService(settings, dev_verifier({"access"}), broker, metrics, dev=dev,
+        return AuthService(settings, dev_verifier({"access"}), hits, metrics, dev=dev,
                            refresh_verifier=dev_verifier({"refresh"}))
     issuer = settings.cognito_issuer
     region_pool = issuer.rpartition("/")[2]
@@ -170,60 +198,26 @@ async def _auth_service(
         client_secret=settings.cognito_client_secret,
         endpoint=settings.cognito_endpoint,
     )
-    return AuthService(settings, verifier, broker, metrics, cognito=cognito)
+    return AuthService(settings, verifier, hits, metrics, cognito=cognito)
 
 
-async def _dev_key(settings: Settings) -> bytes:
+async def _dev_key(settings: Settings, store: aioredis.Redis | None) -> bytes:
     """Every worker and replica must sign with one key: file, else Redis, else a new one."""
     if settings.dev_key_file:
         return Path(settings.dev_key_file).read_bytes()  # noqa: ASYNC240 - one small file, once at start-up
-    if not settings.redis_url:
+    if store is None:
         return new_private_key_pem()
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     key = f"{settings.redis_prefix}devkey"
-    try:
-        for attempt in range(20):
-            try:
-                await client.set(key, new_private_key_pem(), nx=True)
-                stored = await client.get(key)
-                if isinstance(stored, bytes):
-                    return stored
-            except (RedisError, OSError) as exc:
-                log.warning("waiting for redis to share the dev key (%s)", type(exc).__name__)
-            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
-        raise RuntimeError("redis unreachable: cannot share the dev sign-in key between workers")
-    finally:
-        await client.aclose()
-
-
-# ------------------------------------------------------------------ handlers
-
-
-async def _api_publish(request: web.Request) -> web.StreamResponse:
-    return await request.app[API].publish(request)
-
-
-async def _auth_route(request: web.Request) -> web.StreamResponse:
-    routes = request.app[AUTH_ROUTES]
-    handler = {
-        "/auth/login": routes.login,
-        "/auth/refresh": routes.refresh,
-        "/auth/me": routes.me,
-        "/auth/logout": routes.logout,
-    }[request.path]
-    return await handler(request)
-
-
-async def _index(request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(Path(request.app[SETTINGS].static_dir) / "index.html")
-
-
-def _ready(app: web.Application) -> tuple[bool, str]:
-    if WS not in app or app[WS].draining.is_set():
-        return False, "draining"
-    if not app[BROKER].connected:
-        return False, "broker disconnected"
-    return True, "ok"
+    for attempt in range(20):
+        try:
+            await store.set(key, new_private_key_pem(), nx=True)
+            stored = await store.get(key)
+            if isinstance(stored, bytes):
+                return stored
+        except (RedisError, OSError) as exc:
+            log.warning("waiting for redis to share the dev key (%s)", type(exc).__name__)
+        await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+    raise RuntimeError("redis unreachable: cannot share the dev sign-in key between workers")
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -237,10 +231,3 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
         "text/html", "text/javascript", "application/javascript", "text/css"
     ):
         response.headers.setdefault("Cache-Control", "no-cache")  # revalidate (ETag)
-
-
-async def _close_sockets(app: web.Application) -> None:
-    ctx = app.get(WS)
-    if ctx is not None:
-        ctx.draining.set()
-        await close_all(ctx, 1001, "server shutting down", ctx.settings.grace)

@@ -9,15 +9,16 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
-from .broker.base import Broker, BrokerUnavailable, Member
-from .connection import Connection
+from . import protocol
+from .broker.base import Broker, BrokerUnavailable
+from .connection import Connection, TokenBucket
 from .hub import SIGNOUT, Hub
 from .protocol import (
     BAD_REQUEST,
-    CLOSE_POLICY,
+    FLOODING,
     FORBIDDEN,
     LOBBY,
     RATE_LIMITED,
@@ -28,23 +29,22 @@ from .protocol import (
     Members,
     ProtocolError,
     Publish,
-    encode,
-    error_event,
     message_id_of,
     message_tail,
     parse_client_frame,
-    presence_event,
     text_frame,
 )
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     max_rooms: int = 50
     max_text_chars: int = 4000
     flood_strikes: int = 20  # frames refused in a row by the rate limit before close 1008
+    user_rate: float = 0.0  # messages a second for all of one user's connections (0: off)
+    user_burst: int = 1
 
 
 class ChatService:
@@ -52,21 +52,26 @@ class ChatService:
         self.hub = hub
         self.broker = broker
         self.limits = limits
+        self._user_buckets: dict[str, TokenBucket] = {}  # sub -> bucket, while connected
 
     # ------------------------------------------------------------- lifecycle
 
     async def connect(
-        self, conn: Connection, greeting: dict[str, Any], since: str | None, epoch: str | None
+        self, conn: Connection, greeting: bytes, since: str | None, epoch: str | None
     ) -> None:
         """Register conn, join the lobby, greet. Raises BrokerUnavailable (conn unregistered)."""
+        sub = conn.user.sub
         if self.hub.register(conn):
+            self._user_buckets[sub] = TokenBucket(self.limits.user_rate, self.limits.user_burst)
             try:
-                await self.broker.subscribe_user(conn.user.sub)
+                await self.broker.subscribe_user(sub)
             except BrokerUnavailable:
                 self.hub.unregister(conn)
+                del self._user_buckets[sub]
                 raise
+        conn.user_bucket = self._user_buckets[sub]
         try:
-            await self._join(conn, LOBBY, since, epoch, greeting=greeting)
+            await self._join(conn, Join(LOBBY, since, epoch), greeting=greeting)
         except BrokerUnavailable:
             await self.disconnect(conn)
             raise
@@ -75,46 +80,48 @@ class ChatService:
         for room in list(conn.rooms):
             await self._leave(conn, room)
         if self.hub.unregister(conn):
+            self._user_buckets.pop(conn.user.sub, None)
             await self._quietly(self.broker.unsubscribe_user(conn.user.sub))
 
     # -------------------------------------------------------------- commands
 
     async def handle_text(self, conn: Connection, data: str) -> None:
         """One client frame: rate limit, parse, act; errors become error frames."""
-        if not conn.bucket.take():
+        if not (conn.bucket.take() and conn.user_bucket.take()):
             conn.strikes += 1
             if conn.strikes > self.limits.flood_strikes:
-                conn.kick(CLOSE_POLICY, "rate limit exceeded")
+                conn.kick(FLOODING)
             else:
-                conn.send(error_event(RATE_LIMITED, "slow down"))
+                conn.send(protocol.error(RATE_LIMITED, "slow down"))
             return
         conn.strikes = 0
         try:
             command = parse_client_frame(data, max_text_chars=self.limits.max_text_chars)
+        except ProtocolError as exc:
+            conn.send(protocol.error(exc.code, exc.detail, exc.ref, exc.room))
+            return
+        try:
             if isinstance(command, Publish):
                 self.publish(conn, command)
             elif isinstance(command, Join):
-                await self._join(conn, command.room, command.since, command.epoch)
+                await self._join(conn, command)
             elif isinstance(command, Leave):
-                await self.leave(conn, command.room)
+                await self.leave(conn, command)
             elif isinstance(command, Members):
-                await self.members(conn, command.room)
+                await self.members(conn, command)
             else:
                 await self.direct(conn, command)
         except ProtocolError as exc:
-            conn.send(error_event(exc.code, exc.detail, exc.ref, exc.room))
+            conn.send(protocol.error(exc.code, exc.detail, command.ref, exc.room))
         except BrokerUnavailable:
-            ref, room = getattr(command, "ref", None), getattr(command, "room", None)
             detail = "not done: the message broker is unavailable"
-            conn.send(error_event(UNAVAILABLE, detail, ref, room))
+            conn.send(protocol.error(UNAVAILABLE, detail, command.ref, command.room))
 
     def publish(self, conn: Connection, command: Publish) -> None:
         """Hand the message to the broker and go on reading; the outcome comes back as
         an ack (with a ref) or an `unavailable` error, never silently."""
         if command.room not in conn.rooms:
-            raise ProtocolError(
-                FORBIDDEN, f"join {command.room!r} first", command.ref, room=command.room
-            )
+            raise ProtocolError(FORBIDDEN, f"join {command.room!r} first", room=command.room)
         user = conn.user
         tail = message_tail(command.room, user.sub, user.username, command.text, _now_ms())
         future = self.broker.publish(command.room, tail)
@@ -131,35 +138,28 @@ class ChatService:
 
     async def direct(self, conn: Connection, command: Direct) -> None:
         user = conn.user
-        payload = encode(
-            {
-                "type": "direct",
-                "id": uuid.uuid4().hex,
-                "from": user.sub,
-                "user": user.sub,
-                "username": user.username,
-                "to": command.to,
-                "message": command.text,
-                "ts": _now_ms(),
-            }
+        payload = protocol.direct(
+            uuid.uuid4().hex, user.sub, user.username, command.to, command.text, _now_ms()
         )
         await self.broker.send_user(command.to, payload)
         if command.to != user.sub:
             await self.broker.send_user(user.sub, payload)  # the sender's other tabs
         if command.ref is not None:
-            conn.send({"type": "ack", "ref": command.ref, "id": None})
+            conn.send(protocol.ack(command.ref, None))
 
-    async def members(self, conn: Connection, room: str) -> None:
+    async def members(self, conn: Connection, command: Members) -> None:
+        room = command.room
         if room not in conn.rooms:
             raise ProtocolError(FORBIDDEN, f"join {room!r} first", room=room)
         found = await self.broker.members(room)
-        conn.send({"type": "members", "room": room, "members": [m.public() for m in found]})
+        conn.send(protocol.members(room, [m.public() for m in found]))
 
-    async def leave(self, conn: Connection, room: str) -> None:
+    async def leave(self, conn: Connection, command: Leave) -> None:
+        room = command.room
         if room not in conn.rooms:
             raise ProtocolError(BAD_REQUEST, f"not in {room!r}", room=room)
         await self._leave(conn, room)
-        conn.send({"type": "left", "room": room})
+        conn.send(protocol.left(room))
 
     async def sign_out(self, sub: str) -> None:
         """Close every socket of this user on every worker and replica."""
@@ -167,15 +167,8 @@ class ChatService:
 
     # --------------------------------------------------------------- joining
 
-    async def _join(
-        self,
-        conn: Connection,
-        room: str,
-        since: str | None,
-        epoch: str | None,
-        *,
-        greeting: dict[str, Any] | None = None,
-    ) -> None:
+    async def _join(self, conn: Connection, join: Join, *, greeting: bytes | None = None) -> None:
+        room = join.room
         if room in conn.rooms:
             raise ProtocolError(BAD_REQUEST, f"already in {room!r}", room=room)
         if len(conn.rooms) >= self.limits.max_rooms:
@@ -188,7 +181,7 @@ class ChatService:
                 await asyncio.shield(state.subscribed)
             elif state.subscribed.exception() is not None:
                 raise BrokerUnavailable("room subscription failed")
-            current = await self.broker.epoch(room) if since is None else ""
+            current = await self.broker.epoch(room) if join.since is None else ""
         except BrokerUnavailable:
             self.hub.release(room)
             await self._drop_room_if_empty(room)
@@ -197,19 +190,19 @@ class ChatService:
             self.hub.release(room)
             await self._drop_room_if_empty(room)
             return
-        if since is None:
+        if join.since is None:
             first = self.hub.add(conn, room)
-            joined = text_frame(encode({"type": "joined", "room": room, "epoch": current}))
+            frames = text_frame(protocol.joined(room, current))
             if greeting is not None:  # one write for both frames
-                joined = text_frame(encode(greeting)) + joined
-            conn.write(joined)
+                frames = text_frame(greeting) + frames
+            conn.write(frames)
         else:
             first = self.hub.add(conn, room, replaying=True)
             if greeting is not None:
                 conn.send(greeting)
-            await self._replay(conn, room, since, epoch)
+            await self._replay(conn, room, join.since, join.epoch)
         if first:
-            self._presence(room, conn.member, True)
+            self.broker.presence(room, conn.member, True)
 
     async def _subscribe(self, room: str, subscribed: asyncio.Future[None]) -> None:
         try:
@@ -234,37 +227,28 @@ class ChatService:
             last = since if replay.epoch == epoch else None
         if room in conn.rooms:
             self.hub.finish_replay(conn, room, last)
-        conn.send(
-            {"type": "recovered", "room": room, "complete": replay.complete, "epoch": replay.epoch}
-        )
+        conn.send(protocol.recovered(room, replay.complete, replay.epoch))
 
     async def _leave(self, conn: Connection, room: str) -> None:
         last_of_user = self.hub.remove(conn, room)
         await self._drop_room_if_empty(room)
         if last_of_user:
-            self._presence(room, conn.member, False)
+            self.broker.presence(room, conn.member, False)
 
     async def _drop_room_if_empty(self, room: str) -> None:
         if self.hub.close_room_if_empty(room):
             await self._quietly(self.broker.unsubscribe_room(room))
 
-    def _presence(self, room: str, member: Member, joined: bool) -> None:
-        """Best effort: the broker records it in order with publishes, and says so
-        to the room when the user became present (absent) across every instance."""
-        event = presence_event(room, "join" if joined else "leave", member.public())
-        self.broker.presence(room, member, joined, encode(event))
-
-    async def _quietly(self, coro: Any) -> None:
+    async def _quietly(self, coro: Awaitable[None]) -> None:
         with contextlib.suppress(BrokerUnavailable):
             await coro
 
 
 def _published(conn: Connection, ref: str | None, done: asyncio.Future[str]) -> None:
-    error = done.exception()
-    if error is not None:
-        conn.send(error_event(UNAVAILABLE, "not sent: the message broker is unavailable", ref))
+    if done.exception() is not None:
+        conn.send(protocol.error(UNAVAILABLE, "not sent: the message broker is unavailable", ref))
     elif ref is not None:
-        conn.send({"type": "ack", "ref": ref, "id": done.result()})
+        conn.send(protocol.ack(ref, done.result()))
 
 
 def _now_ms() -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import ConfigError, Settings, load_settings
+from .config import warnings as config_warnings
 from .observability import setup_logging
 
 log = logging.getLogger("chatserver")
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"chatserver: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.log_level)
+    if not os.environ.get(WORKER_ENV):
+        for warning in config_warnings(settings):
+            log.warning("configuration: %s", warning)
     if os.environ.get(WORKER_ENV) or settings.workers == 1:
         sys.exit(run_worker(settings, reuse_port=bool(os.environ.get(WORKER_ENV))))
     sys.exit(Supervisor(settings, sys.argv[1:] if argv is None else argv).run())
@@ -91,14 +95,14 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> int:
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    from .app import WS, create_app  # the supervisor never needs the app
+    from .app import create_app  # the supervisor never needs the app
 
     if settings.dev_auth:
         log.warning(
             "DEV SIGN-IN IS ON: anyone can sign in with any username "
             "(set AWS_COGNITO_USER_POOL_ID and AWS_COGNITO_CLIENT_ID for Cognito)"
         )
-    app = create_app(settings)
+    app = await create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.grace)
     await runner.setup()
@@ -112,8 +116,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("draining: closing sockets with 1001")
-        app[WS].draining.set()
+        log.info("draining: closing sockets with 1001")  # cleanup's on_shutdown does it
     finally:
         await runner.cleanup()
 

@@ -1,7 +1,9 @@
-"""Settings: one frozen dataclass read from the environment, a `.env` file and CLI flags.
+"""Settings: every setting declared once (variable, type, default, bounds, meaning) as a
+field of one frozen dataclass, read from the environment, a `.env` file and CLI flags.
 
 Validation happens here, once, at start-up: a bad value raises `ConfigError` naming the
-variable, and the CLI turns that into one line and exit status 2.
+variable, and the CLI turns that into one line and exit status 2. The README's table
+and `.env.example` are generated from the same fields (chatserver/settings_docs.py).
 """
 
 from __future__ import annotations
@@ -9,65 +11,195 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-ROOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+from .config_parsers import (
+    POOL_ID,
+    Network,
+    parse_api_keys,
+    parse_client_id,
+    parse_http_url,
+    parse_networks,
+    parse_one_of,
+    parse_origins,
+    parse_redis_url,
+    parse_region,
+)
+from .config_parsers import (
+    ConfigError as ConfigError,
+)
+
 DEFAULT_PORT = 3020
+STATIC_DIR = str(Path(__file__).resolve().parent.parent / "static")
+T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong; the message names the variable."""
+def setting(
+    env: str | None,
+    default: T,
+    doc: str,
+    *,
+    group: str = "",
+    low: float | None = None,
+    high: float | None = None,
+    parse: Callable[[str, str], Any] | None = None,
+    shown: str | None = None,
+    example: str | None = None,
+    secret: bool = False,
+    kind: type[int] | type[float] | None = None,
+) -> T:
+    """A Settings field. `env`: its variable (None: CLI only); `parse(raw, env)` for
+    values that are not a plain number, flag or text; `shown`: the default as the docs
+    say it; `example`: a value for .env.example when the default is empty; `kind`: int
+    or float for a number whose default is None (derived from another setting)."""
+    if kind is None and isinstance(default, int | float) and not isinstance(default, bool):
+        kind = type(default)
+    meta = {"env": env, "doc": doc, "group": group, "low": low, "high": high,
+            "parse": parse, "shown": shown, "example": example, "kind": kind}
+    return dataclasses.field(default=default, repr=not secret, metadata=meta)
+
+
+# ----------------------------------------------------------------- settings
+
+SERVER, COGNITO, BROWSER, DEV, LIMITS, TIMING = (
+    "server", "AWS Cognito (unset pool: the built-in dev sign-in)", "browser security",
+    "dev sign-in (only without a Cognito pool)", "limits", "timing and history",
+)
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    workers: int = 1
-    redis_url: str | None = None
-    redis_prefix: str = "chat:"
-    # Cognito; no pool id means the built-in dev issuer.
-    aws_region: str = "us-east-1"
-    cognito_pool_id: str | None = None
-    cognito_client_id: str | None = None
-    cognito_client_secret: str | None = field(default=None, repr=False)
-    cognito_jwks_url: str | None = None
-    cognito_endpoint: str | None = None
-    token_use: str = "access"
-    token_leeway: float = 5.0
-    # Dev sign-in.
-    dev_auth_explicit: bool = False
-    dev_password: str | None = field(default=None, repr=False)
-    dev_key_file: str | None = None
-    dev_token_ttl: int = 900
-    # HTTP and cookies.
-    allowed_origins: tuple[str, ...] = ()
-    cookie_secure: bool = True
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    login_rate_per_minute: int = 10
-    static_dir: str = str(Path(__file__).resolve().parent.parent / "static")
-    # WebSocket limits.
-    max_message_bytes: int = 64 * 1024
-    max_text_chars: int = 4000
-    rate_per_second: float = 10.0
-    rate_burst: int = 20
-    heartbeat: float = 20.0
-    backlog_bytes: int = 1024 * 1024
-    max_rooms: int = 50
-    max_connections: int = 10000
-    max_connections_per_user: int = 20
-    compress: bool = False
-    # History, presence, lifecycle.
-    history_maxlen: int = 1000
-    presence_ttl: float = 30.0
-    presence_event_limit: int = 100
-    grace: float = 10.0
-    log_level: str = "INFO"
+    host: str = setting(None, "127.0.0.1", "bind address (--host)")
+    workers: int = setting(None, 1, "worker processes (--workers)")
+    port: int = setting("PORT", DEFAULT_PORT, "listening port", group=SERVER, low=1, high=65535)
+    redis_url: str | None = setting(
+        "REDIS_URL", None, "Redis for several workers/replicas; unset: in-process broker, "
+        "one worker", group=SERVER, parse=parse_redis_url, shown="unset",
+        example="redis://127.0.0.1:6379/0")
+    redis_prefix: str = setting(
+        "CHAT_REDIS_PREFIX", "chat:", "Redis key prefix; give each deployment sharing a "
+        "Redis its own", group=SERVER)
+    log_level: str = setting(
+        "CHAT_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR; logs never hold tokens, "
+        "cookies or message bodies at INFO", group=SERVER,
+        parse=parse_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    static_dir: str = setting(
+        "CHAT_STATIC_DIR", STATIC_DIR, "the browser client's files (the Docker image sets "
+        "`/app/static`)", group=SERVER, shown="`static/` of the checkout")
+    aws_region: str = setting("AWS_REGION", "us-east-1", "Cognito region", group=COGNITO,
+                              parse=parse_region)
+    cognito_pool_id: str | None = setting(
+        "AWS_COGNITO_USER_POOL_ID", None, "the user pool; unset: dev sign-in", group=COGNITO,
+        shown="unset", example="eu-west-1_AbCdEf123")
+    cognito_client_id: str | None = setting(
+        "AWS_COGNITO_CLIENT_ID", None, "app client id (`aud` of ID tokens, `client_id` of "
+        "access tokens)", group=COGNITO, shown="", parse=parse_client_id)
+    cognito_client_secret: str | None = setting(
+        "AWS_COGNITO_CLIENT_SECRET", None, "app client secret, for SECRET_HASH",
+        group=COGNITO, shown="unset", secret=True)
+    cognito_jwks_url: str | None = setting(
+        "AWS_COGNITO_JWKS_URL", None, "where to fetch the JWKS (emulators, tests); the issuer "
+        "stays exact", group=COGNITO, shown="the pool's", parse=parse_http_url)
+    cognito_endpoint: str | None = setting(
+        "AWS_COGNITO_ENDPOINT", None, "InitiateAuth endpoint (LocalStack, moto)",
+        group=COGNITO, shown="the region's", parse=parse_http_url)
+    token_use: str = setting(
+        "CHAT_TOKEN_USE", "access", "which Cognito token the cookie holds: `access` or `id`",
+        group=COGNITO, parse=parse_one_of("access", "id"))
+    token_leeway: float = setting(
+        "CHAT_TOKEN_LEEWAY", 5.0, "seconds of clock leeway on exp/nbf", group=COGNITO,
+        low=0, high=300)
+    allowed_origins: tuple[str, ...] = setting(
+        "CHAT_ALLOWED_ORIGINS", (), "Origin allowlist for `/ws` and cookie POSTs",
+        group=BROWSER, parse=parse_origins, shown="`http://127.0.0.1:PORT,http://localhost:PORT`",
+        example="https://chat.example.com")
+    cookie_secure: bool = setting(
+        "CHAT_COOKIE_SECURE", True, "0 drops `Secure` for plain-http local use (`make run` "
+        "does)", group=BROWSER)
+    trusted_proxies: tuple[Network, ...] = setting(
+        "CHAT_TRUSTED_PROXIES", (), "IPs/CIDRs whose `X-Forwarded-For` is believed",
+        group=BROWSER, parse=parse_networks, shown="none", example="10.213.47.0/24")
+    api_keys: tuple[tuple[str, str], ...] = setting(
+        "CHAT_API_KEYS", (), "publish API keys, `name:key,...` (keys of 16+ characters)",
+        group=BROWSER, parse=parse_api_keys, shown="none", secret=True,
+        example="announcer:change-me-to-a-long-random-string")
+    login_rate_per_minute: int = setting(
+        "CHAT_LOGIN_RATE", 10, "sign-in attempts per minute per client IP and per username",
+        group=BROWSER, low=1, high=1_000_000)
+    dev_auth_explicit: bool = setting(
+        "CHAT_DEV_AUTH", False, "1 allows the dev sign-in on a non-loopback address",
+        group=DEV)
+    dev_password: str | None = setting(
+        "CHAT_DEV_PASSWORD", None, "the dev sign-in's password, if any", group=DEV,
+        shown="unset", secret=True)
+    dev_key_file: str | None = setting(
+        "CHAT_DEV_KEY_FILE", None, "PEM of the dev signing key; unset: shared through Redis, "
+        "else made at start", group=DEV, shown="unset")
+    dev_token_ttl: int = setting(
+        "CHAT_DEV_TOKEN_TTL", 900, "dev access token lifetime, seconds", group=DEV,
+        low=10, high=86400)
+    max_message_bytes: int = setting(
+        "CHAT_MAX_MESSAGE_BYTES", 64 * 1024, "largest frame; bigger closes 1009",
+        group=LIMITS, low=256, high=16 * 1024 * 1024)
+    max_text_chars: int = setting(
+        "CHAT_MAX_TEXT_CHARS", 4000, "longest message text; longer gets `too_large`",
+        group=LIMITS, low=1, high=1024 * 1024)
+    rate_per_second: float = setting(
+        "CHAT_RATE", 10.0, "per-connection token bucket, messages a second (0 = off)",
+        group=LIMITS, low=0, high=1e9)
+    rate_burst: int = setting(
+        "CHAT_BURST", 20, "the bucket's burst; a flood past it closes 1008", group=LIMITS,
+        low=1, high=1_000_000_000)
+    user_rate: float | None = setting(
+        "CHAT_USER_RATE", None, "messages a second for all of one user's connections on a "
+        "worker (0 = off)", group=LIMITS, low=0, high=1e9, kind=float,
+        shown="2x `CHAT_RATE`")
+    user_burst: int | None = setting(
+        "CHAT_USER_BURST", None, "that bucket's burst", group=LIMITS, low=1,
+        high=1_000_000_000, kind=int, shown="2x `CHAT_BURST`")
+    backlog_bytes: int = setting(
+        "CHAT_BACKLOG_BYTES", 1024 * 1024, "unsent bytes a client may hold before 1013",
+        group=LIMITS, low=4096, high=1 << 30)
+    max_rooms: int = setting(
+        "CHAT_MAX_ROOMS", 50, "rooms per connection", group=LIMITS, low=1, high=10000)
+    max_connections: int = setting(
+        "CHAT_MAX_CONNECTIONS", 10000, "open WebSockets per worker", group=LIMITS,
+        low=1, high=10_000_000)
+    max_connections_per_user: int = setting(
+        "CHAT_MAX_CONNECTIONS_PER_USER", 20, "open WebSockets per user on a worker",
+        group=LIMITS, low=1, high=100000)
+    compress: bool = setting(
+        "CHAT_COMPRESS", False, "permessage-deflate (off: CPU per frame, and it leaks "
+        "lengths)", group=LIMITS)
+    heartbeat: float = setting(
+        "CHAT_HEARTBEAT", 20.0, "seconds between pings; a silent peer is dropped (keep "
+        "the proxy's read timeout above it)", group=TIMING, low=0, high=3600)
+    grace: float = setting(
+        "CHAT_GRACE", 10.0, "shutdown grace period, seconds", group=TIMING, low=0, high=600)
+    history_maxlen: int = setting(
+        "CHAT_HISTORY_MAXLEN", 1000, "messages kept per room (`XADD MAXLEN ~`)",
+        group=TIMING, low=10, high=10_000_000)
+    presence_ttl: float = setting(
+        "CHAT_PRESENCE_TTL", 30.0, "seconds before a dead instance's members disappear",
+        group=TIMING, low=3, high=3600)
+    presence_event_limit: int = setting(
+        "CHAT_PRESENCE_EVENT_LIMIT", 100, "rooms with more members send no join/leave "
+        "events (`members` still answers)", group=TIMING, low=0, high=1_000_000)
+
+    @property
+    def per_user_rate(self) -> float:
+        return 2 * self.rate_per_second if self.user_rate is None else self.user_rate
+
+    @property
+    def per_user_burst(self) -> int:
+        return 2 * self.rate_burst if self.user_burst is None else self.user_burst
 
     @property
     def dev_auth(self) -> bool:
@@ -82,119 +214,49 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+def declared() -> list[dataclasses.Field[Any]]:
+    """The settings read from the environment, in the order of the docs."""
+    return [f for f in dataclasses.fields(Settings) if f.metadata.get("env")]
+
+
+# ------------------------------------------------------------------ loading
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional quotes."""
-    values: dict[str, str] = {}
+    """A `.env` file read as docker compose reads it (python-dotenv: `#` comments, inline
+    ` # ` comments on unquoted values, quotes, `export`, `${VAR}` interpolation)."""
     if not path.is_file():
-        return values
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+        return {}
+    with path.open() as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                raise ConfigError(f"{path}:{binding.original.line}: expected KEY=VALUE")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
-class _Reader:
-    """Typed access to the merged environment, with errors that name the variable."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.env.get(name, "").strip()
-        return value or default
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: not a whole number") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name}={value}: must be between {low} and {high}")
-        return value
-
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: not a number") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name}={value}: must be between {low} and {high}")
-        return value
-
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self.text(name)
-        if raw is None:
-            return default
+def _value(spec: dataclasses.Field[Any], raw: str) -> Any:
+    """One variable's text turned into the field's value, or ConfigError naming it."""
+    name, meta, default = spec.metadata["env"], spec.metadata, spec.default
+    if meta["parse"] is not None:
+        return meta["parse"](raw, name)
+    if isinstance(default, bool):
         lowered = raw.lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-
-    def items(self, name: str) -> list[str]:
-        raw = self.text(name) or ""
-        return [item.strip() for item in raw.split(",") if item.strip()]
-
-
-def _redis_url(value: str | None, name: str) -> str | None:
-    if value is None:
-        return None
-    parsed = urlparse(value)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{name}={value!r}: expected redis://host:port/db, rediss:// or unix://")
-    if parsed.scheme != "unix":
-        if not parsed.hostname:
-            raise ConfigError(f"{name}={value!r}: no host")
+    kind = meta["kind"]
+    if kind is not None:
+        word = "a whole number" if kind is int else "a number"
         try:
-            parsed.port  # noqa: B018 - raises on a bad port
+            value = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name}={value!r}: bad port") from None
-    return value
-
-
-def _origins(items: list[str], name: str) -> tuple[str, ...]:
-    for origin in items:
-        parsed = urlparse(origin)
-        is_origin = parsed.scheme in ("http", "https") and parsed.path in ("", "/")
-        if not is_origin or not parsed.netloc:
-            raise ConfigError(f"{name}: {origin!r} is not an origin like https://chat.example.com")
-    return tuple(origin.rstrip("/") for origin in items)
-
-
-def _networks(
-    items: list[str], name: str
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _api_keys(items: list[str], name: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in items:
-        service, sep, key = item.partition(":")
-        if not sep or not service or len(key) < 16:
-            raise ConfigError(f"{name}: expected name:key pairs with keys of 16+ characters")
-        pairs.append((service, key))
-    return tuple(pairs)
+            raise ConfigError(f"{name}={raw!r}: not {word}") from None
+        if not meta["low"] <= value <= meta["high"]:
+            raise ConfigError(f"{name}={value}: must be between {meta['low']} and {meta['high']}")
+        return value
+    return raw
 
 
 def load_settings(
@@ -208,61 +270,16 @@ def load_settings(
     if env_file is not None:
         env.update(read_dotenv(env_file))
     env.update(os.environ if environ is None else environ)
-    read = _Reader(env)
-    cli = dict(overrides or {})
-
-    port = cli.pop("port", None)
-    if port is None:
-        port = read.integer("PORT", DEFAULT_PORT, 1, 65535)
-    cli_redis_url = cli.pop("redis_url", None)
-    redis_url = str(cli_redis_url) if cli_redis_url else read.text("REDIS_URL")
-    token_use = read.text("CHAT_TOKEN_USE", "access")
-    if token_use not in ("access", "id"):
-        raise ConfigError(f"CHAT_TOKEN_USE={token_use!r}: expected access or id")
-    log_level = (read.text("CHAT_LOG_LEVEL", "INFO") or "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"CHAT_LOG_LEVEL={log_level!r}: expected DEBUG, INFO, WARNING or ERROR")
-
-    settings = Settings(
-        port=int(port),  # type: ignore[call-overload]
-        redis_url=_redis_url(redis_url, "--redis-url" if cli_redis_url else "REDIS_URL"),
-        redis_prefix=read.text("CHAT_REDIS_PREFIX", "chat:") or "chat:",
-        aws_region=read.text("AWS_REGION", "us-east-1") or "us-east-1",
-        cognito_pool_id=read.text("AWS_COGNITO_USER_POOL_ID"),
-        cognito_client_id=read.text("AWS_COGNITO_CLIENT_ID"),
-        cognito_client_secret=read.text("AWS_COGNITO_CLIENT_SECRET"),
-        cognito_jwks_url=read.text("AWS_COGNITO_JWKS_URL"),
-        cognito_endpoint=read.text("AWS_COGNITO_ENDPOINT"),
-        token_use=token_use,
-        token_leeway=read.number("CHAT_TOKEN_LEEWAY", 5.0, 0, 300),
-        dev_auth_explicit=read.flag("CHAT_DEV_AUTH", False),
-        dev_password=read.text("CHAT_DEV_PASSWORD"),
-        dev_key_file=read.text("CHAT_DEV_KEY_FILE"),
-        dev_token_ttl=read.integer("CHAT_DEV_TOKEN_TTL", 900, 10, 86400),
-        allowed_origins=_origins(read.items("CHAT_ALLOWED_ORIGINS"), "CHAT_ALLOWED_ORIGINS"),
-        cookie_secure=read.flag("CHAT_COOKIE_SECURE", True),
-        trusted_proxies=_networks(read.items("CHAT_TRUSTED_PROXIES"), "CHAT_TRUSTED_PROXIES"),
-        api_keys=_api_keys(read.items("CHAT_API_KEYS"), "CHAT_API_KEYS"),
-        login_rate_per_minute=read.integer("CHAT_LOGIN_RATE", 10, 1, 1_000_000),
-        static_dir=read.text("CHAT_STATIC_DIR", Settings.static_dir) or Settings.static_dir,
-        max_message_bytes=read.integer("CHAT_MAX_MESSAGE_BYTES", 64 * 1024, 256, 16 * 1024 * 1024),
-        max_text_chars=read.integer("CHAT_MAX_TEXT_CHARS", 4000, 1, 1024 * 1024),
-        rate_per_second=read.number("CHAT_RATE", 10.0, 0, 1e9),
-        rate_burst=read.integer("CHAT_BURST", 20, 1, 1_000_000_000),
-        heartbeat=read.number("CHAT_HEARTBEAT", 20.0, 0, 3600),
-        backlog_bytes=read.integer("CHAT_BACKLOG_BYTES", 1024 * 1024, 4096, 1 << 30),
-        max_rooms=read.integer("CHAT_MAX_ROOMS", 50, 1, 10000),
-        max_connections=read.integer("CHAT_MAX_CONNECTIONS", 10000, 1, 10_000_000),
-        max_connections_per_user=read.integer("CHAT_MAX_CONNECTIONS_PER_USER", 20, 1, 100000),
-        compress=read.flag("CHAT_COMPRESS", False),
-        history_maxlen=read.integer("CHAT_HISTORY_MAXLEN", 1000, 10, 10_000_000),
-        presence_ttl=read.number("CHAT_PRESENCE_TTL", 30.0, 3, 3600),
-        presence_event_limit=read.integer("CHAT_PRESENCE_EVENT_LIMIT", 100, 0, 1_000_000),
-        grace=read.number("CHAT_GRACE", 10.0, 0, 600),
-        log_level=log_level,
-    )
-    settings = settings.with_overrides(**{k: v for k, v in cli.items() if v is not None})
-    return _checked(settings)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    for spec in declared():
+        raw = env.get(spec.metadata["env"], "").strip()
+        if raw:
+            values[spec.name] = _value(spec, raw)
+    cli_url = cli.pop("redis_url", None)
+    if cli_url:  # checked here, so the error names the flag, not REDIS_URL
+        values["redis_url"] = parse_redis_url(str(cli_url), "--redis-url")
+    return _checked(Settings(**values).with_overrides(**cli))
 
 
 def _checked(settings: Settings) -> Settings:
@@ -275,6 +292,19 @@ def _checked(settings: Settings) -> Settings:
         )
     if not settings.dev_auth and not settings.cognito_client_id:
         raise ConfigError("AWS_COGNITO_CLIENT_ID is required when AWS_COGNITO_USER_POOL_ID is set")
+    if settings.cognito_pool_id:
+        pool = POOL_ID.fullmatch(settings.cognito_pool_id)
+        if pool is None or pool.group(1) != settings.aws_region:
+            raise ConfigError(
+                f"AWS_COGNITO_USER_POOL_ID={settings.cognito_pool_id!r}: expected "
+                f"{settings.aws_region}_<id> (a pool id starts with its AWS_REGION)"
+            )
+    index = Path(settings.static_dir) / "index.html"
+    if settings.static_dir != STATIC_DIR and not index.is_file():
+        raise ConfigError(
+            f"CHAT_STATIC_DIR={settings.static_dir!r}: no index.html there; it must hold the "
+            "browser client (everything in it is served)"
+        )
     if settings.dev_auth and not _is_loopback(settings.host) and not settings.dev_auth_explicit:
         raise ConfigError(
             f"--host {settings.host}: the dev sign-in lets anyone sign in; set "
@@ -288,6 +318,20 @@ def _checked(settings: Settings) -> Settings:
             )
         )
     return settings
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Settings that start but will not work as meant; the CLI logs each once."""
+    found = []
+    plain = [o for o in settings.allowed_origins
+             if o.startswith("http://") and urlparse(o).hostname not in ("localhost", "127.0.0.1")]
+    if settings.cookie_secure and plain:
+        found.append(
+            f"CHAT_COOKIE_SECURE=1 with plain-http origins {', '.join(plain)}: browsers drop "
+            "Secure cookies on http (except localhost), so sign-in will not stick there; "
+            "serve https or set CHAT_COOKIE_SECURE=0 for local use"
+        )
+    return found
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .auth.tokens import User
 from .broker.base import Member
-from .protocol import CLOSE_TRY_LATER, encode, text_frame
+from .protocol import SLOW_CONSUMER, Close, text_frame
 
 _ids = itertools.count(1)
 
@@ -45,14 +45,16 @@ class TokenBucket:
         return False
 
 
+UNLIMITED = TokenBucket(0, 1)
+
+
 class Connection:
     """State of one WebSocket; only its handler task reads from it, anyone may write."""
 
     __slots__ = (
         "_backlog_limit",
         "bucket",
-        "close_code",
-        "close_reason",
+        "close",
         "closed",
         "id",
         "member",
@@ -62,6 +64,7 @@ class Connection:
         "strikes",
         "transport",
         "user",
+        "user_bucket",
         "ws",
     )
 
@@ -83,10 +86,11 @@ class Connection:
         self.member = Member(user.sub, user.username)
         self.rooms: set[str] = set()
         self.bucket = TokenBucket(rate, burst)
+        # Shared by all of the user's connections on this worker (ChatService.connect).
+        self.user_bucket = UNLIMITED
         self.strikes = 0
         self.closed = False
-        self.close_code: int | None = None
-        self.close_reason = ""
+        self.close: Close | None = None  # why the server closes it, once kicked
         self.on_kick = on_kick
         # The handler task while it waits in receive(), so a kick can wake it.
         self.reader: asyncio.Task[Any] | None = None
@@ -99,18 +103,18 @@ class Connection:
             return
         transport.write(frame)
         if transport.get_write_buffer_size() > self._backlog_limit:
-            self.kick(CLOSE_TRY_LATER, "slow consumer")
+            self.kick(SLOW_CONSUMER)
 
-    def send(self, event: dict[str, Any]) -> None:
-        self.write(text_frame(encode(event)))
+    def send(self, payload: bytes) -> None:
+        """One server frame (a protocol builder's bytes)."""
+        self.write(text_frame(payload))
 
-    def kick(self, code: int, reason: str) -> None:
-        """Stop writing to this client and have its socket closed with `code`."""
+    def kick(self, close: Close) -> None:
+        """Stop writing to this client and have its socket closed with `close`."""
         if self.closed:
             return
         self.closed = True
-        self.close_code = code
-        self.close_reason = reason
+        self.close = close
         self.on_kick(self)
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 from .connection import Connection
-from .protocol import CLOSE_NORMAL, CLOSE_TRY_LATER, message_id_of, parse_id, text_frame
+from .protocol import RESUME_BACKLOG, SIGNED_OUT, message_id_of, parse_id, text_frame
 
 SIGNOUT = b"!signout"  # control payload on a user channel: close that user's sockets
 MAX_REPLAY_BUFFER = 10000  # live payloads held for one resuming connection
@@ -38,6 +38,9 @@ class Room:
 
 
 class Hub:
+    """The broker's Sink: what it receives is delivered here. Counts, per room, each
+    user's local connections: the broker hears only of a user's first and last."""
+
     def __init__(
         self,
         *,
@@ -68,7 +71,7 @@ class Hub:
         for conn, buffered in room.replaying.items():
             buffered.append(payload)
             if len(buffered) > MAX_REPLAY_BUFFER:
-                conn.kick(CLOSE_TRY_LATER, "resume backlog")
+                conn.kick(RESUME_BACKLOG)
 
     def _flush(self, room: Room) -> None:
         frames = room.queue
@@ -105,7 +108,7 @@ class Hub:
             return
         if payload == SIGNOUT:
             for conn in conns:
-                conn.kick(CLOSE_NORMAL, "signed out")
+                conn.kick(SIGNED_OUT)
             return
         frame = text_frame(payload)
         for conn in conns:

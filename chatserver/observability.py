@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -22,7 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-ReadyCheck = Callable[[web.Application], tuple[bool, str]]
+ReadyCheck = Callable[[], tuple[bool, str]]  # (ready, why not)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -81,7 +83,7 @@ def healthz_handler(instance: str) -> Handler:
 
 def readyz_handler(is_ready: ReadyCheck) -> Handler:
     async def readyz(request: web.Request) -> web.Response:
-        ready, detail = is_ready(request.app)
+        ready, detail = is_ready()
         return web.json_response({"ready": ready, "detail": detail}, status=200 if ready else 503)
 
     return readyz
@@ -96,6 +98,38 @@ def metrics_handler(metrics: Metrics) -> Handler:
     return render
 
 
+class QuietAiohttp(logging.Filter):
+    """aiohttp's own log lines, made safe for anyone to trigger: a malformed request
+    (its parser error quotes the request's bytes: cookies, tokens) becomes one counted
+    WARNING line at most every `every` seconds, without the bytes or a traceback; and the
+    subprotocols a client offered (a JWT, for some clients) are never written out."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._every = every
+        self._clock = clock
+        self._count = 0  # malformed requests since the last line
+        self._logged: float | None = None  # when the last line went out
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiohttp.websocket" and "protocols" in str(record.msg):
+            record.msg, record.args = "client offered WebSocket subprotocols; none is served", ()
+            return logging.getLogger("chatserver").isEnabledFor(logging.DEBUG)
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name != "aiohttp.server" or not isinstance(error, HttpProcessingError):
+            return True  # an exception in our own handler: keep its traceback
+        self._count += 1
+        now = self._clock()
+        if self._logged is not None and now - self._logged < self._every:
+            return False
+        record.msg = "%d malformed HTTP requests since the last such line (last: %s)"
+        record.args = (self._count, type(error).__name__)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._count, self._logged = 0, now
+        return True
+
+
 def setup_logging(level: str) -> None:
     # The logging HOWTO's "Optimization": we print no file/line, thread or multiprocessing
     # name, so skip gathering them (findCaller's stack walk is most of a log call).
@@ -108,4 +142,7 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet = QuietAiohttp()
+    for name in ("aiohttp.server", "aiohttp.websocket"):
+        logging.getLogger(name).addFilter(quiet)
 

@@ -196,7 +196,7 @@ def _room(value: Any, ref: str | None) -> str:
 
 def _text(frame: dict[str, Any], max_chars: int, ref: str | None) -> str:
     text = frame.get("message")
-    if not _is_text(text) or not text.strip():
+    if not isinstance(text, str) or not _is_text(text) or not text.strip():
         raise ProtocolError(BAD_REQUEST, "message must be a non-empty string", ref)
     if len(text) > max_chars:
         raise ProtocolError(TOO_LARGE, f"message is over {max_chars} characters", ref)

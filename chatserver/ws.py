@@ -13,12 +13,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
 
+from . import protocol
+from .auth.gate import AUTH_FAILURE, USER
 from .auth.tokens import User
-from .auth.web import AUTH_FAILURE, USER
 from .broker.base import BrokerUnavailable
 from .chat import ChatService
 from .config import Settings
@@ -26,13 +26,16 @@ from .connection import Connection
 from .observability import Metrics
 from .protocol import (
     BAD_REQUEST,
-    CLOSE_GOING_AWAY,
-    CLOSE_POLICY,
-    CLOSE_TOKEN_EXPIRED,
-    CLOSE_TRY_LATER,
+    BROKER_DOWN,
+    DRAINING,
     LOBBY,
-    STREAM_ID,
-    error_event,
+    NOT_SIGNED_IN,
+    SERVER_FULL,
+    SHUTTING_DOWN,
+    TOKEN_EXPIRED,
+    USER_FULL,
+    Close,
+    is_message_id,
 )
 
 log = logging.getLogger(__name__)
@@ -53,11 +56,12 @@ class Closer:
         self._metrics = metrics
 
     def __call__(self, conn: Connection) -> None:
-        self._metrics.closes.labels(str(conn.close_code)).inc()
-        if conn.close_code == CLOSE_TRY_LATER:
+        assert conn.close is not None
+        self._metrics.closes.labels(str(conn.close.code)).inc()
+        if conn.close == protocol.SLOW_CONSUMER:
             self._metrics.slow_consumers.inc()
         if conn.reader is not None:
-            conn.reader.cancel()  # interrupts only its receive(): see _read_loop
+            conn.reader.cancel()  # interrupts only its receive(): see _serve
         asyncio.get_running_loop().call_later(
             CLOSE_HANDSHAKE_TIMEOUT + 1, _abort_if_stuck, conn.transport
         )
@@ -68,27 +72,29 @@ def _abort_if_stuck(transport: asyncio.Transport) -> None:
         transport.abort()
 
 
-@dataclass
-class WsContext:
-    settings: Settings
-    chat: ChatService
-    metrics: Metrics
-    closer: Closer
-    instance: str
-    draining: asyncio.Event
-
-
 class WsEndpoint:
-    """The /ws route. Built with the app; its context arrives at start-up. (A bound
-    method, not a wrapper function: every frame on an idle socket's stack is memory.)"""
+    """The /ws route and the lifecycle of its sockets. The route is the bound method
+    `handle` and the read loop is inline in `_serve`, not wrappers or closures: every
+    frame on an idle socket's stack is memory, times every connection."""
 
-    def __init__(self) -> None:
-        self.ctx: WsContext | None = None
+    def __init__(
+        self, *, settings: Settings, chat: ChatService, metrics: Metrics, instance: str
+    ) -> None:
+        self.settings = settings
+        self.chat = chat
+        self.metrics = metrics
+        self.instance = instance
+        self.draining = asyncio.Event()  # set at shutdown: /readyz 503, new sockets 1013
+        self._closer = Closer(metrics)
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        ctx = self.ctx
-        assert ctx is not None
-        settings = ctx.settings
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.draining.is_set():
+            # Before the upgrade, so a proxy retries the handshake on another replica
+            # (nginx: proxy_next_upstream http_503) instead of the client backing off.
+            return web.json_response(
+                {"error": "unavailable", "detail": DRAINING.reason}, status=503,
+                headers={"Retry-After": "1"})
+        settings = self.settings
         ws = web.WebSocketResponse(
             heartbeat=settings.heartbeat or None,
             max_msg_size=settings.max_message_bytes,
@@ -96,15 +102,15 @@ class WsEndpoint:
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
         )
         await ws.prepare(request)
-        user: User | None = request.get(USER)
+        user = request.get(USER)
         if user is None:
-            code, reason = request.get(AUTH_FAILURE, (CLOSE_POLICY, "not signed in"))
-            log.info("refused upgrade from %s: %s", request.remote, reason)
-            await ws.close(code=code, message=reason.encode())
+            close = request.get(AUTH_FAILURE, NOT_SIGNED_IN)
+            log.info("refused upgrade from %s: %s", request.remote, close.reason)
+            await ws.close(code=close.code, message=close.reason.encode())
             return ws
-        refusal = _refusal(ctx, user)
-        if refusal:
-            await ws.close(code=CLOSE_TRY_LATER, message=refusal.encode())
+        refusal = self._refusal(user)
+        if refusal is not None:
+            await ws.close(code=refusal.code, message=refusal.reason.encode())
             return ws
         transport = request.transport
         assert transport is not None
@@ -115,99 +121,90 @@ class WsEndpoint:
             backlog_limit=settings.backlog_bytes,
             rate=settings.rate_per_second,
             burst=settings.rate_burst,
-            on_kick=ctx.closer,
+            on_kick=self._closer,
         )
+        self.metrics.connections.inc()
         try:
-            await _serve(request, ctx, conn)
+            await self._serve(request, conn)
         finally:
-            ctx.metrics.connections.dec()
+            self.metrics.connections.dec()
         return ws
 
+    def _refusal(self, user: User) -> Close | None:
+        if self.draining.is_set():
+            return DRAINING  # began draining during this upgrade
+        hub = self.chat.hub
+        if len(hub.connections) >= self.settings.max_connections:
+            return SERVER_FULL
+        if hub.user_connections(user.sub) >= self.settings.max_connections_per_user:
+            return USER_FULL
+        return None
 
-def _refusal(ctx: WsContext, user: User) -> str | None:
-    if ctx.draining.is_set():
-        return "server shutting down"
-    hub = ctx.chat.hub
-    if len(hub.connections) >= ctx.settings.max_connections:
-        return "server full"
-    if hub.user_connections(user.sub) >= ctx.settings.max_connections_per_user:
-        return "too many connections for this user"
-    return None
-
-
-async def _serve(request: web.Request, ctx: WsContext, conn: Connection) -> None:
-    ctx.metrics.connections.inc()
-    since, epoch = request.query.get("since"), request.query.get("epoch")
-    bad_resume = since is not None and not STREAM_ID.fullmatch(since)
-    if bad_resume:
-        since = epoch = None
-    greeting = {
-        "type": "welcome",
-        "user": conn.user.public(),
-        "rooms": [LOBBY],
-        "instance": ctx.instance,
-    }
-    try:
-        await ctx.chat.connect(conn, greeting, since, epoch)
-    except BrokerUnavailable:
-        await conn.ws.close(code=CLOSE_TRY_LATER, message=b"broker unavailable")
-        return
-    if bad_resume:
-        conn.send(error_event(BAD_REQUEST, "since must be a message id; joined without resume"))
-    log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, ctx.instance)
-    task = asyncio.current_task()
-    assert task is not None
-    try:
-        # The read loop (inline: one coroutine frame less per idle socket). A kick
-        # cancels the pending receive(), and only that: conn.reader is set around it.
-        while not conn.closed:
-            conn.reader = task
-            try:
-                msg = await conn.ws.receive()
-            except asyncio.CancelledError:
+    async def _serve(self, request: web.Request, conn: Connection) -> None:
+        since, epoch = request.query.get("since"), request.query.get("epoch")
+        bad_resume = since is not None and not is_message_id(since)
+        if bad_resume:
+            since = epoch = None
+        greeting = protocol.welcome(conn.user.public(), [LOBBY], self.instance)
+        try:
+            await self.chat.connect(conn, greeting, since, epoch)
+        except BrokerUnavailable:
+            await conn.ws.close(code=BROKER_DOWN.code, message=BROKER_DOWN.reason.encode())
+            return
+        if bad_resume:
+            detail = "since must be a message id; joined without resume"
+            conn.send(protocol.error(BAD_REQUEST, detail))
+        log.info("connect %s user=%s instance=%s", conn.id, conn.user.sub, self.instance)
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            # A kick cancels the pending receive(), and only that: conn.reader is set
+            # around it.
+            while not conn.closed:
+                conn.reader = task
+                try:
+                    msg = await conn.ws.receive()
+                except asyncio.CancelledError:
+                    conn.reader = None
+                    if conn.closed and task.uncancel() == 0:
+                        break  # kicked: our close handshake follows
+                    raise
                 conn.reader = None
-                if conn.closed and task.uncancel() == 0:
-                    break  # kicked: our close handshake follows
-                raise
-            conn.reader = None
-            if msg.type == WSMsgType.TEXT:
-                ctx.metrics.messages_in.inc()
-                await ctx.chat.handle_text(conn, msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                conn.send(error_event(BAD_REQUEST, "binary frames are not supported"))
-            else:
-                break  # close, closing, closed or error: the socket is done
-        if conn.closed:
-            # Our close handshake: send the code, wait (bounded) for the peer's answer.
-            await conn.ws.close(
-                code=conn.close_code or CLOSE_GOING_AWAY,
-                message=conn.close_reason.encode(),
-                drain=False,
+                if msg.type == WSMsgType.TEXT:
+                    self.metrics.messages_in.inc()
+                    await self.chat.handle_text(conn, msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    conn.send(protocol.error(BAD_REQUEST, "binary frames are not supported"))
+                else:
+                    break  # close, closing, closed or error: the socket is done
+            if conn.close is not None:
+                # Our close handshake: send the code, wait (bounded) for the peer's answer.
+                close = conn.close
+                await conn.ws.close(code=close.code, message=close.reason.encode(), drain=False)
+        finally:
+            await self.chat.disconnect(conn)
+            code = conn.close.code if conn.close else conn.ws.close_code
+            reason = conn.close.reason if conn.close else "client closed"
+            log.info(
+                "disconnect %s user=%s instance=%s code=%s reason=%s",
+                conn.id, conn.user.sub, self.instance, code, reason,
             )
-    finally:
-        await ctx.chat.disconnect(conn)
-        code = conn.close_code or conn.ws.close_code
-        reason = conn.close_reason or ("client closed" if conn.close_code is None else "")
-        log.info(
-            "disconnect %s user=%s instance=%s code=%s reason=%s",
-            conn.id, conn.user.sub, ctx.instance, code, reason,
-        )
 
+    async def watch_expiry(self, every: float = 1.0) -> None:
+        """Close sockets whose token expired (4001), sweeping once a second: one task per
+        worker instead of a timer per connection (memory per idle socket is what counts)."""
+        leeway = self.settings.token_leeway
+        while True:
+            await asyncio.sleep(every)
+            now = time.time()
+            for conn in [c for c in self.chat.hub.connections if c.user.exp + leeway <= now]:
+                conn.kick(TOKEN_EXPIRED)
 
-async def watch_expiry(ctx: WsContext, every: float = 1.0) -> None:
-    """Close sockets whose token expired (4001), sweeping once a second: one task per
-    worker instead of a timer per connection (memory per idle socket is what counts)."""
-    leeway = ctx.settings.token_leeway
-    while True:
-        await asyncio.sleep(every)
-        now = time.time()
-        for conn in [c for c in ctx.chat.hub.connections if c.user.exp + leeway <= now]:
-            conn.kick(CLOSE_TOKEN_EXPIRED, "token expired")
-
-
-async def close_all(ctx: WsContext, code: int, reason: str, grace: float) -> None:
-    """Kick every connection and wait (bounded) until their handlers are done."""
-    for conn in list(ctx.chat.hub.connections):
-        conn.kick(code, reason)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(ctx.chat.hub.emptied.wait(), grace)
+    async def drain(self) -> None:
+        """Shutdown: refuse new sockets, close every open one 1001, and wait (bounded by
+        CHAT_GRACE) until their handlers are done."""
+        self.draining.set()
+        for conn in list(self.chat.hub.connections):
+            conn.kick(SHUTTING_DOWN)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.chat.hub.emptied.wait(), self.settings.grace)

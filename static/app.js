@@ -283,7 +283,7 @@ socket.addEventListener("status", ({ detail }) => {
   if (detail.state === "signed-out" && auth.user) {
     auth.signedOut();
     resetRooms();
-    showLogin(signingOut ? "" : sessionEndedText(detail.reason));
+    showLogin(signingOut ? "" : sessionEndedText(detail));
   }
   if (!el.chatView.hidden) { renderRooms(); renderComposer(); }
 });
@@ -341,8 +341,9 @@ socket.addEventListener("ack", ({ detail }) => {
   setComposerError("");
 });
 
-function sessionEndedText(reason) {
-  if (!reason || reason === "signed out") return "You were signed out. Please sign in again.";
+/** By close code: 1000 is the server's sign-out (this tab or another). */
+function sessionEndedText({ lastClose, reason }) {
+  if (lastClose === 1000 || !reason) return "You were signed out. Please sign in again.";
   return `Your session ended (${reason}). Please sign in again.`;
 }
 

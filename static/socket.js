@@ -1,11 +1,11 @@
 // ChatSocket: one WebSocket to /ws that reconnects with backoff and full jitter,
 // resumes every joined room from the last id and epoch it saw, and drops duplicates.
-// It never gives up while signed in; it stops for good only on 1008, "signed out",
+// It never gives up while signed in; it stops for good only on 1008, 1000 (signed out),
 // a failed refresh, or stop().
 
 const CLOSE = Object.freeze({
   NORMAL: 1000, GOING_AWAY: 1001, ABNORMAL: 1006, POLICY: 1008, TOO_LARGE: 1009,
-  INTERNAL: 1011, RESTART: 1012, TRY_AGAIN: 1013, TOKEN_EXPIRED: 4001,
+  INTERNAL: 1011, TRY_AGAIN: 1013, TOKEN_EXPIRED: 4001,
 });
 
 const LOBBY = "lobby";
@@ -169,7 +169,9 @@ export class ChatSocket extends EventTarget {
     this.lastClose = code;
 
     if (code === CLOSE.POLICY) return this.stop("signed-out", reason || "access refused");
-    if (code === CLOSE.NORMAL && reason === "signed out") return this.stop("signed-out", reason);
+    // The server sends 1000 only for a sign-out: terminal, like 1008 (decided by code,
+    // never by the reason's wording).
+    if (code === CLOSE.NORMAL) return this.stop("signed-out", reason);
     if (code === CLOSE.TOKEN_EXPIRED) {
       if (this.refreshed) return this.stop("signed-out", "session expired");
       this.refreshed = true;
@@ -183,8 +185,8 @@ export class ChatSocket extends EventTarget {
       if (session === "signed-out") return this.stop("signed-out", "session ended");
       return this.scheduleRetry(session === "offline" ? "offline" : "reconnecting");
     }
-    // 1001, 1006, 1011, 1012, anything unexpected (even a 1000 with another reason):
-    // still signed in, so try again. 1013 asks us to back off harder.
+    // 1001, 1006, 1011, anything unexpected: still signed in, so try again. 1013 asks
+    // us to back off harder.
     this.scheduleRetry("reconnecting", code === CLOSE.TRY_AGAIN);
   }
 

@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,8 @@ import jwt
 from jwt.algorithms import RSAAlgorithm
 
 JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
+MIN_FETCH_BACKOFF, MAX_FETCH_BACKOFF = 1.0, 30.0  # seconds, while no key is cached
+log = logging.getLogger(__name__)
 
 
 class TokenError(Exception):
@@ -96,6 +99,10 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         self._fetching: asyncio.Future[None] | None = None
         self._penalty_until = 0.0
+        # With no keys at all, failed fetches back off (1 s doubling to 30 s) instead of
+        # one fetch per connection attempt.
+        self._retry_at = 0.0
+        self._backoff = MIN_FETCH_BACKOFF
         # Verified tokens until their exp: a reconnect with the same cookie costs no RSA.
         # Keyed by the token's digest: 32 bytes a connection, not the whole JWT.
         self._cache: OrderedDict[bytes, User] = OrderedDict()
@@ -105,7 +112,10 @@ class TokenVerifier:
         if not token:
             raise TokenError("missing", "no authToken cookie")
         now = self._clock()
-        digest = hashlib.sha256(token.encode()).digest()
+        try:
+            digest = hashlib.sha256(token.encode()).digest()
+        except UnicodeEncodeError:  # aiohttp hands a non-UTF-8 cookie byte in as a surrogate
+            raise TokenError("malformed", "token is not a JWT") from None
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.exp + self._leeway > now:
@@ -130,23 +140,21 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=["RS256"],
-                leeway=self._leeway,
-                options={"require": ["exp", "iss", "sub"], "verify_aud": False},
+                # exp and nbf are checked below on this verifier's clock, not PyJWT's
+                options={"require": ["exp", "iss", "sub"], "verify_aud": False,
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("expired", "token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError("not_yet_valid", "token is not valid yet (nbf/iat)") from None
         except jwt.InvalidSignatureError:
             raise TokenError("bad_signature", "signature does not verify") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenError("missing_claim", f"token has no {exc.claim}") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError("invalid", f"token refused: {type(exc).__name__}") from None
-        if claims["iss"] not in self._issuers:
+        self._check_times(claims)
+        if not isinstance(claims["iss"], str) or claims["iss"] not in self._issuers:
             raise TokenError("bad_issuer", "issuer not accepted")
         token_use = claims.get("token_use")
-        if token_use not in self._token_uses:
+        if not isinstance(token_use, str) or token_use not in self._token_uses:
             raise TokenError("bad_token_use", "token_use not accepted")
         if token_use == "id" and claims.get("aud") != self._client_id:
             raise TokenError("bad_audience", "aud is not this client")
@@ -154,11 +162,23 @@ class TokenVerifier:
             raise TokenError("bad_audience", "client_id is not this client")
         return claims
 
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self._clock()
+        exp, nbf, iat = claims["exp"], claims.get("nbf"), claims.get("iat")
+        if not all(_is_number(t) for t in (exp, nbf, iat) if t is not None):
+            raise TokenError("invalid", "token refused: exp/nbf/iat must be numbers")
+        if exp + self._leeway <= now:
+            raise TokenError("expired", "token has expired")
+        if any(t is not None and t - self._leeway > now for t in (nbf, iat)):
+            raise TokenError("not_yet_valid", "token is not valid yet (nbf/iat)")
+
     async def _key(self, kid: str) -> Any:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        if self._clock() < self._penalty_until:
+        if not self._keys and self._clock() < self._retry_at:
+            raise KeysUnavailable("JWKS unavailable; backing off")
+        if self._keys and self._clock() < self._penalty_until:
             raise TokenError("unknown_kid", "kid not in the JWKS")
         await self._refresh()
         key = self._keys.get(kid)
@@ -181,19 +201,40 @@ class TokenVerifier:
 
     async def _fetch(self) -> None:
         try:
-            document = await self._fetch_jwks()
-            keys = parse_jwks(document)
-        except (TimeoutError, OSError, ValueError) as exc:
+            keys = parse_jwks(await self._fetch_jwks())
+            if not keys:
+                raise ValueError("no usable signing key")
+        except (TimeoutError, OSError, ValueError, RecursionError) as exc:
+            why = f"JWKS fetch failed: {type(exc).__name__}: {str(exc)[:80]}"
             if self._keys:
-                # Keep serving the keys we have; the kid stays unknown this round.
+                # Keep serving the keys we have (an empty or broken JWKS never replaces
+                # them); the kid stays unknown this round.
+                log.warning("%s; keeping the %d cached keys", why, len(self._keys))
                 return
-            raise KeysUnavailable(f"JWKS fetch failed: {type(exc).__name__}") from None
+            self._retry_at = self._clock() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_FETCH_BACKOFF)
+            log.warning("%s; no keys cached, next try in %.0f s", why, self._backoff / 2)
+            raise KeysUnavailable(why) from None
         self._keys = keys
+        self._backoff = MIN_FETCH_BACKOFF
+
+    @property
+    def ready(self) -> bool:
+        """Keys are cached: tokens can be verified (/readyz says so)."""
+        return bool(self._keys)
 
     async def prefetch(self) -> None:
         """Warm the key cache at start-up; a failure here is retried on first use."""
         with contextlib.suppress(KeysUnavailable):
             await self._refresh()
+
+    async def keep_warm(self) -> None:
+        """Until keys are cached, fetch them at the backoff's pace (so /readyz recovers
+        on its own after a JWKS outage at start-up); then return."""
+        while not self._keys:
+            with contextlib.suppress(KeysUnavailable):
+                await self._refresh()
+            await asyncio.sleep(max(0.0, self._retry_at - self._clock()) or MIN_FETCH_BACKOFF)
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -202,11 +243,15 @@ def _header(token: str) -> dict[str, Any]:
     segment = token.partition(".")[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise TokenError("malformed", "token is not a JWT") from None
     if not isinstance(header, dict) or token.count(".") != 2:
         raise TokenError("malformed", "token is not a JWT")
     return header
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +267,7 @@ def parse_jwks(document: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             out[str(jwk["kid"])] = RSAAlgorithm.from_jwk(json.dumps(jwk))
-        except (jwt.InvalidKeyError, ValueError, KeyError):
+        except (jwt.InvalidKeyError, ValueError, KeyError, TypeError) as exc:
+            log.warning("JWKS key %.40r skipped: %s", jwk.get("kid"), exc)
             continue
     return out

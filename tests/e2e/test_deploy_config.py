@@ -145,15 +145,21 @@ def test_compose_has_the_three_services(services: dict[str, Any]) -> None:
     assert "ports" not in chat, "replicas are reached through nginx only"
 
 
-def test_nginx_upstream_is_the_chatserver_service(
+def test_nginx_resolves_the_replicas_at_run_time(
     services: dict[str, Any], chat_env: dict[str, str], nginx_conf: str
 ) -> None:
-    """nginx's upstream names the compose service on the port the replicas listen on."""
-    assert render_nginx.upstream_servers(nginx_conf) == [
-        f"chatserver:{chat_port(services, chat_env)}"
-    ]
-    assert render_nginx.UPSTREAM == "chatserver"
-    assert directive(nginx_conf, "proxy_pass") == [["http://chatserver"]]
+    """proxy_pass takes `chatserver:<port>` through a variable, so Docker's DNS is asked
+    again every `valid` seconds (an upstream block would resolve it once, at start)."""
+    assert render_nginx.upstream_target(nginx_conf) == f"chatserver:{chat_port(services, chat_env)}"
+    assert directive(nginx_conf, "proxy_pass") == [["http://$chatserver"]]
+    assert not re.search(r"^\s*upstream\s", nginx_conf, re.M)
+    [[server, *params]] = directive(nginx_conf, "resolver")
+    assert server == "127.0.0.11", "Docker's embedded DNS"
+    options = dict(p.split("=", 1) for p in params)
+    assert seconds(options["valid"]) <= 5, "a replica address change must reach nginx within 10 s"
+    assert options.get("ipv6") == "off"
+    [[timeout]] = directive(nginx_conf, "resolver_timeout")
+    assert seconds(timeout) <= 5
 
 
 def test_nginx_listen_is_the_published_port(
@@ -171,24 +177,29 @@ def test_nginx_listen_is_the_published_port(
 
 
 def test_nginx_proxies_websockets(chat_env: dict[str, str], nginx_conf: str) -> None:
-    """HTTP/1.1 upstream, Upgrade/Connection forwarded, least_conn, XFF, long read timeout."""
+    """HTTP/1.1 upstream, Upgrade/Connection forwarded, XFF overwritten, long read timeout,
+    and a retry on another replica when one is gone or draining."""
     assert ["1.1"] in directive(nginx_conf, "proxy_http_version")
     headers = {args[0].lower(): args[1:] for args in directive(nginx_conf, "proxy_set_header")}
     assert headers["upgrade"] == ["$http_upgrade"]
     assert headers["connection"] == ["$connection_upgrade"]
     assert re.search(r"map\s+\$http_upgrade\s+\$connection_upgrade\s*\{[^}]*default\s+upgrade;",
                      nginx_conf)
-    assert headers["x-forwarded-for"][0] in ("$remote_addr", "$proxy_add_x_forwarded_for")
+    assert headers["x-forwarded-for"] == ["$remote_addr"], "one hop: a client's value is dropped"
     assert headers["host"] == ["$http_host"], "Origin checks need the port kept"
-    upstream = re.search(r"upstream\s+chatserver\s*\{([^}]*)\}", nginx_conf)
-    assert upstream is not None and directive(upstream.group(1), "least_conn") == [[]]
-    # Passive "down" marks clear only when a request to the server ends, and proxied
-    # WebSockets do not end: with max_fails > 0 a rolling restart starves the upstream.
-    for args in directive(upstream.group(1), "server"):
-        assert "max_fails=0" in args, args
+    [retry] = directive(nginx_conf, "proxy_next_upstream")
+    assert {"error", "timeout", "http_502", "http_503"} <= set(retry)
     heartbeat = float(chat_env.get("CHAT_HEARTBEAT", DEFAULT_HEARTBEAT))
     [[timeout]] = directive(nginx_conf, "proxy_read_timeout")
     assert seconds(timeout) > 2 * heartbeat, "one lost ping must not cut a healthy socket"
+
+
+def test_metrics_are_not_served_through_nginx(nginx_conf: str) -> None:
+    """/metrics (any spelling nginx normalises to it) is answered 404 by nginx itself."""
+    match = re.search(r"location\s+/metrics\s*\{([^}]*)\}", nginx_conf)
+    assert match is not None, "a prefix location: /metrics/ and /metricsX too"
+    assert directive(match.group(1), "return") == [["404"]]
+    assert not directive(match.group(1), "proxy_pass")
 
 
 def test_redis_wiring_and_health_checks(
@@ -223,16 +234,76 @@ def test_compose_serves_local_http_with_the_dev_sign_in(chat_env: dict[str, str]
     assert "AWS_COGNITO_USER_POOL_ID" not in chat_env
 
 
-def test_trusted_proxies_are_the_compose_network(
-    compose: dict[str, Any], services: dict[str, Any], chat_env: dict[str, str]
+def test_client_address_is_believed_only_from_the_gateway_and_nginx(
+    compose: dict[str, Any], services: dict[str, Any], chat_env: dict[str, str], nginx_conf: str
 ) -> None:
-    """CHAT_TRUSTED_PROXIES covers the network nginx reaches the replicas from, and no more."""
+    """nginx believes X-Forwarded-For only from the network's gateway (Docker's port
+    forwarding, i.e. the host); the replicas believe it only from nginx's fixed address."""
     (network_name,) = services["nginx"]["networks"]
     assert network_name in services["chatserver"]["networks"]
-    [subnet] = [c["subnet"] for c in compose["networks"][network_name]["ipam"]["config"]]
+    [ipam] = compose["networks"][network_name]["ipam"]["config"]
+    subnet, pool = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
+    gateway = ipaddress.ip_address(ipam["gateway"])
+    nginx_ip = ipaddress.ip_address(services["nginx"]["networks"][network_name]["ipv4_address"])
+    assert subnet.is_private and pool.subnet_of(subnet)  # type: ignore[arg-type]
+    assert nginx_ip in subnet and nginx_ip not in pool, "replicas must never be given it"
+    assert gateway in subnet and gateway not in pool and gateway != nginx_ip
+    assert directive(nginx_conf, "set_real_ip_from") == [[str(gateway)]]
+    assert directive(nginx_conf, "real_ip_header") == [["X-Forwarded-For"]]
+    assert directive(nginx_conf, "real_ip_recursive") == [["on"]]
     trusted = [ipaddress.ip_network(item) for item in chat_env["CHAT_TRUSTED_PROXIES"].split(",")]
-    assert trusted == [ipaddress.ip_network(subnet)]
-    assert trusted[0].is_private
+    assert trusted == [ipaddress.ip_network(nginx_ip)]
+
+
+def test_compose_runs_on_a_restricted_engine(services: dict[str, Any], dockerfile: str) -> None:
+    """No `# syntax=` frontend (BuildKit fetches it from Docker Hub) and no `ulimits:`
+    (a container cannot exceed dockerd's own limit; asking stops it from starting)."""
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile, re.M | re.I)
+    for name, service in services.items():
+        assert "ulimits" not in service, name
+
+
+def test_docs_name_the_compose_version(compose: dict[str, Any]) -> None:
+    """env_file's `required:` needs Compose 2.24; deploy/README.md says so."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    uses_required = any(isinstance(e, dict) and "required" in e
+                        for s in compose["services"].values() for e in s.get("env_file", []))
+    assert not uses_required or re.search(r"Compose (v2\.24|2\.24)", readme)
+
+
+def test_rolling_update_script_starts_before_it_stops() -> None:
+    """deploy/rolling-update.sh adds a replica, waits for /readyz and the resolver, then
+    stops an old one (docker stop: SIGTERM, 1001), one at a time; bash accepts it."""
+    script = ROOT / "deploy" / "rolling-update.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=10)
+    text = script.read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert re.search(r"^READY_PROBE=.*/readyz", code, re.M)
+    steps = ("--no-recreate --scale", '"$READY_PROBE"', 'sleep "$RESOLVER_WAIT"', "docker stop",
+             "docker rm")
+    order = [code.index(step) for step in steps]
+    assert order == sorted(order)
+    wait = int(re.search(r"RESOLVER_WAIT:-(\d+)", text).group(1))  # type: ignore[union-attr]
+    valid = re.search(r"resolver\s[^;]*valid=(\w+)", (ROOT / "deploy" / "nginx.conf").read_text())
+    assert valid is not None and wait > seconds(valid.group(1))
+
+
+def test_tls_override_mounts_what_tls_conf_names(services: dict[str, Any]) -> None:
+    """deploy/compose.tls.yml mounts tls.conf where nginx.conf includes it and the
+    certificates where tls.conf reads them, and publishes tls.conf's port."""
+    override = yaml.safe_load((ROOT / "deploy" / "compose.tls.yml").read_text())["services"]
+    tls = (ROOT / "deploy" / "tls.conf").read_text()
+    mounts = {v.split(":")[-2] if v.count(":") >= 2 else v.split(":")[1]: v
+              for v in override["nginx"]["volumes"]}
+    include = render_nginx.COMPOSE_TLS_INCLUDE
+    assert any(Path(target).parent == Path(include).parent for target in mounts)
+    for cert in re.findall(r"ssl_certificate(?:_key)?\s+(\S+);", tls):
+        assert any(cert.startswith(target + "/") for target in mounts), cert
+    [listen] = render_nginx.listen_addresses(tls)
+    port = listen.split()[0]
+    assert any(str(p).endswith(f":{port}") for p in override["nginx"]["ports"])
+    assert override["chatserver"]["environment"]["CHAT_COOKIE_SECURE"] == "1"
 
 
 def test_stop_grace_outlasts_the_drain(services: dict[str, Any], chat_env: dict[str, str]) -> None:
@@ -298,19 +369,23 @@ def test_env_example_lists_every_variable_with_a_comment() -> None:
 
 
 def test_renderer_changes_only_addresses_and_runtime_paths(tmp_path: Path) -> None:
-    """Rendering rewrites the upstream servers, listen, temp paths and user; nothing else."""
+    """Rendering rewrites listen, resolver, the upstream name, set_real_ip_from, temp paths,
+    the TLS include and user; nothing else."""
     template = (ROOT / "deploy" / "nginx.conf").read_text()
     rendered = render_nginx.render(
-        template,
-        listen="127.0.0.1:18080",
-        servers=["127.0.0.1:19001", "127.0.0.1:19002"],
+        template, listen="127.0.0.1:18080", resolver="127.0.0.1:15353",
+        upstream="chatserver:19001", real_ip_from=["127.0.0.5", "127.0.0.6"],
         runtime_dir=tmp_path,
     )
-    assert render_nginx.upstream_servers(rendered) == ["127.0.0.1:19001", "127.0.0.1:19002"]
+    code = "\n".join(line.split("#", 1)[0] for line in rendered.splitlines())
+    assert render_nginx.upstream_target(rendered) == "chatserver:19001"
     assert render_nginx.listen_addresses(rendered) == ["127.0.0.1:18080"]
+    assert directive(code, "resolver") == [["127.0.0.1:15353", "valid=5s", "ipv6=off"]]
+    assert directive(code, "set_real_ip_from") == [["127.0.0.5"], ["127.0.0.6"]]
+    assert directive(code, "include") == [[str(tmp_path / "tls.d" / "*.conf")]]
     assert "/var/cache/nginx" not in rendered and not re.search(r"^\s*user\s", rendered, re.M)
-    assert rendered.split("127.0.0.1:19002", 1)[1].startswith(" max_fails=0;")
-    untouched = re.compile(r"^\s*(server\s+\S+:\d+|listen|user|\w+_temp_path)\b")
+    untouched = re.compile(r"^\s*(set \$chatserver|listen|user|resolver |set_real_ip_from"
+                           r"|include|\w+_temp_path)\b")
     kept = [line for line in template.splitlines() if not untouched.match(line)]
     assert kept == [line for line in rendered.splitlines() if not untouched.match(line)]
 
@@ -320,13 +395,11 @@ def test_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
     if not Path(NGINX).exists():
         pytest.skip("nginx is not installed (apt-get install nginx)")
     runtime = tmp_path / "nginx"
-    runtime.mkdir()
+    (runtime / "tls.d").mkdir(parents=True)
     conf = runtime / "nginx.conf"
     conf.write_text(render_nginx.render(
-        (ROOT / "deploy" / "nginx.conf").read_text(),
-        listen="127.0.0.1:18080",
-        servers=["127.0.0.1:19001", "127.0.0.1:19002", "127.0.0.1:19003"],
-        runtime_dir=runtime,
+        (ROOT / "deploy" / "nginx.conf").read_text(), listen="127.0.0.1:18080",
+        resolver="127.0.0.1:15353", upstream="chatserver:19001", runtime_dir=runtime,
     ))
     result = subprocess.run(
         [NGINX, "-t", "-p", f"{runtime}/", "-c", str(conf), "-e", str(runtime / "error.log"),

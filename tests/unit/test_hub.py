@@ -4,43 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
 from chatserver import hub as hub_module
-from chatserver.auth.tokens import User
 from chatserver.connection import Connection
 from chatserver.hub import Hub
 from chatserver.protocol import message_frame, message_tail
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self, backlog: int = 0) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.backlog = backlog
-
-    def write(self, data: Any) -> None:
-        self.writes.append(bytes(data))
-
-    def get_write_buffer_size(self) -> int:
-        return self.backlog
-
-    def is_closing(self) -> bool:
-        return False
-
-
-def make_conn(name: str, kicked: list[Connection], backlog: int = 0) -> Connection:
-    return Connection(
-        ws=None,  # type: ignore[arg-type]
-        transport=FakeTransport(backlog),
-        user=User(sub=name, username=name, exp=0),
-        backlog_limit=1024,
-        rate=0,
-        burst=1,
-        on_kick=kicked.append,
-    )
+from tests.unit.fakes import make_conn
 
 
 def payload(n: int) -> bytes:
@@ -84,7 +55,7 @@ async def test_full_backlog_kicks_only_that_client() -> None:
     await asyncio.sleep(0)
     hub.deliver_room("lobby", payload(2))
     await asyncio.sleep(0)
-    assert kicked == [slow] and slow.close_code == 1013
+    assert kicked == [slow] and slow.close is not None and slow.close.code == 1013
     assert len(slow.transport.writes) == 1  # type: ignore[attr-defined]
     assert all(len(c.transport.writes) == 2 for c in fast)  # type: ignore[attr-defined]
 

@@ -1,7 +1,7 @@
-"""HTTP side of auth: the middleware (Origin, CSRF, cookie -> user) and /auth/* routes.
+"""The /auth/* routes: sign-in (dev issuer or Cognito), refresh, sign-out, and who am I.
 
-/ws requests get `request[USER]` or `request[AUTH_FAILURE]` before the handler runs;
-the handler upgrades and closes refused ones with the code, so the browser learns why.
+Cookies are HttpOnly, SameSite=Strict; the refresh cookie is scoped to /auth. Tokens,
+passwords and refresh tokens never reach a log.
 """
 
 from __future__ import annotations
@@ -10,28 +10,26 @@ import asyncio
 import base64
 import binascii
 import hmac
-import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
-from ..broker.base import Broker, BrokerUnavailable
+from ..broker.base import BrokerUnavailable
 from ..config import Settings
+from ..counters import CounterUnavailable, HitCounter
 from ..observability import Metrics
-from ..protocol import CLOSE_INTERNAL, CLOSE_POLICY
+from ..responses import error
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer
+from .gate import AUTH_COOKIE, client_ip
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
 log = logging.getLogger(__name__)
 
-AUTH_COOKIE = "authToken"
 REFRESH_COOKIE = "refreshToken"
-USER = "chatserver.user"
-AUTH_FAILURE = "chatserver.auth_failure"
 LOGIN_WINDOW = 60
 MAX_CREDENTIAL_CHARS = 256
 COGNITO_REFRESH_MAX_AGE = 30 * 24 * 3600  # Cognito's default refresh token lifetime
@@ -40,97 +38,32 @@ REVOKE_TIMEOUT = 2.0  # seconds a sign-out waits for Cognito to revoke the refre
 BAD_CREDENTIALS = {"NotAuthorizedException", "UserNotFoundException", "UserNotConfirmedException"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuthService:
+    """What sign-in needs: the verifier of the cookie's token, and one issuer."""
+
     settings: Settings
     verifier: TokenVerifier
-    broker: Broker
+    hits: HitCounter  # the sign-in rate limits, shared by every worker
     metrics: Metrics
     dev: DevIssuer | None = None
     refresh_verifier: TokenVerifier | None = None  # dev refresh tokens
     cognito: CognitoClient | None = None
 
 
-def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "detail": detail, **extra}, status=status)
-
-
-def origin_allowed(request: web.Request, settings: Settings) -> bool:
-    return request.headers.get("Origin") in settings.allowed_origins
-
-
-def client_ip(request: web.Request, settings: Settings) -> str:
-    """The peer address, or X-Forwarded-For's nearest untrusted hop behind trusted proxies."""
-    peer = request.remote or ""
-    if not settings.trusted_proxies or not _trusted(peer, settings):
-        return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, settings):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _trusted(address: str, settings: Settings) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in settings.trusted_proxies)
-
-
-class AuthGate:
-    """The auth middleware. Built with the app; its AuthService arrives at start-up."""
-
-    def __init__(self) -> None:
-        self.auth: AuthService | None = None
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        auth = self.auth
-        if auth is None:  # still starting up: nothing is routed yet
-            return await handler(request)  # type: ignore[no-any-return]
-        if request.path == "/ws":
-            if not origin_allowed(request, auth.settings):
-                auth.metrics.auth_failures.labels("origin").inc()
-                return error(403, "forbidden", "origin not allowed")
-            try:
-                request[USER] = await auth.verifier.verify(request.cookies.get(AUTH_COOKIE))
-            except KeysUnavailable:
-                auth.metrics.auth_failures.labels("jwks_unavailable").inc()
-                request[AUTH_FAILURE] = (CLOSE_INTERNAL, "auth keys unavailable, retry")
-            except TokenError as exc:
-                auth.metrics.auth_failures.labels(exc.reason).inc()
-                request[AUTH_FAILURE] = _refusal(exc)
-        elif request.method == "POST" and request.path.startswith("/auth/"):
-            # CSRF: a cookie-authenticated POST must come from our page, as JSON.
-            if not origin_allowed(request, auth.settings):
-                return error(403, "forbidden", "origin not allowed")
-            if request.content_type != "application/json":
-                return error(403, "forbidden", "Content-Type must be application/json")
-        return await handler(request)  # type: ignore[no-any-return]
-
-
-def _refusal(exc: TokenError) -> tuple[int, str]:
-    """Close code and reason for a refused upgrade: 1008 for every refused token, an
-    expired one included (the client asks /auth/me and refreshes before it gives up);
-    4001 is for a token that expires while its socket is open."""
-    if exc.reason == "missing":
-        return CLOSE_POLICY, "missing token"
-    return CLOSE_POLICY, f"invalid token: {exc.reason}"
-
-
 class AuthRoutes:
-    def __init__(self, auth: AuthService, sign_out: Any) -> None:
+    """POST /auth/login, /auth/refresh, /auth/logout and GET /auth/me."""
+
+    def __init__(self, auth: AuthService, sign_out: Callable[[str], Awaitable[None]]) -> None:
         self.auth = auth
         self.settings = auth.settings
-        self._sign_out = sign_out
+        self._sign_out = sign_out  # closes a user's sockets on every worker and replica
 
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/auth/login", self.login)
-        app.router.add_post("/auth/refresh", self.refresh)
-        app.router.add_get("/auth/me", self.me)
-        app.router.add_post("/auth/logout", self.logout)
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/auth/login", self.login)
+        router.add_post("/auth/refresh", self.refresh)
+        router.add_get("/auth/me", self.me)
+        router.add_post("/auth/logout", self.logout)
 
     async def login(self, request: web.Request) -> web.Response:
         try:
@@ -158,9 +91,9 @@ class AuthRoutes:
     async def _too_many(self, ip: str, username: str) -> bool:
         limit = self.settings.login_rate_per_minute
         try:
-            by_ip = await self.auth.broker.hit(f"login-ip:{ip}", LOGIN_WINDOW)
-            by_name = await self.auth.broker.hit(f"login-user:{username.lower()}", LOGIN_WINDOW)
-        except BrokerUnavailable:
+            by_ip = await self.auth.hits.hit(f"login-ip:{ip}", LOGIN_WINDOW)
+            by_name = await self.auth.hits.hit(f"login-user:{username.lower()}", LOGIN_WINDOW)
+        except CounterUnavailable:
             return False  # fail open: Cognito keeps its own limits
         return by_ip > limit or by_name > limit
 

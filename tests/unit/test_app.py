@@ -1,0 +1,247 @@
+"""The app through pytest-aiohttp's test client, in process: create_app(settings) with
+the memory broker and the dev sign-in, every HTTP route and the /ws upgrade rules."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from chatserver.app import ENDPOINT, create_app
+from chatserver.config import load_settings
+from tests.cognito_keys import SigningKey
+
+ORIGIN = "http://127.0.0.1:3020"  # the default allowlist (PORT 3020)
+API_KEY = "announcer-key-0123456789"
+KEY = SigningKey()
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> MakeClient:
+    async def make(**env: str) -> Client:
+        values = {"CHAT_COOKIE_SECURE": "0", "CHAT_API_KEYS": f"announcer:{API_KEY}", **env}
+        app = await create_app(load_settings(values, env_file=None))
+        client: Client = await aiohttp_client(app)
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+async def login(client: Client, username: str = "alice") -> aiohttp.ClientResponse:
+    return await client.post("/auth/login", json={"username": username, "password": ""},
+                             headers={"Origin": ORIGIN})
+
+
+async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    """The next frame of this type, skipping others (presence...); bounded by the test."""
+    while True:
+        frame: dict[str, Any] = await ws.receive_json()
+        if frame["type"] == kind:
+            return frame
+
+
+async def test_health_and_readiness(client: Client) -> None:
+    """/healthz names the instance; /readyz is 200 until the worker drains, then 503."""
+    health = await client.get("/healthz")
+    assert health.status == 200 and (await health.json())["status"] == "alive"
+    assert (await client.get("/readyz")).status == 200
+    client.app[ENDPOINT].draining.set()
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["detail"] == "draining"
+
+
+async def test_login_sets_http_only_strict_cookies(client: Client) -> None:
+    """A dev sign-in answers the user and sets both cookies HttpOnly, SameSite=Strict."""
+    response = await login(client)
+    assert response.status == 200
+    assert (await response.json())["user"]["username"] == "alice"
+    auth, refresh = response.cookies["authToken"], response.cookies["refreshToken"]
+    assert auth["httponly"] and auth["samesite"] == "Strict" and auth["path"] == "/"
+    assert refresh["httponly"] and refresh["path"] == "/auth"
+    me = await client.get("/auth/me")
+    assert me.status == 200 and (await me.json())["user"]["username"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({}, {"username": "alice"}, 403),  # no Origin
+        ({"Origin": "http://evil.example"}, {"username": "alice"}, 403),
+        ({"Origin": ORIGIN}, {"username": ""}, 400),
+        ({"Origin": ORIGIN}, {"username": "bad name!"}, 400),
+        ({"Origin": ORIGIN}, {"username": "a" * 300}, 400),
+        ({"Origin": ORIGIN}, ["alice"], 400),
+    ],
+)
+async def test_login_refuses_bad_requests(client: Client, headers: dict[str, str],
+                                          body: Any, status: int) -> None:
+    """Cross-origin or malformed sign-ins answer 4xx with a JSON error, and no cookie."""
+    response = await client.post("/auth/login", json=body, headers=headers)
+    assert response.status == status
+    assert "error" in await response.json() and "authToken" not in response.cookies
+
+
+async def test_login_needs_json_content_type(client: Client) -> None:
+    """A form POST (what a cross-site form could send) is refused before any route."""
+    response = await client.post("/auth/login", data={"username": "alice"},
+                                 headers={"Origin": ORIGIN})
+    assert response.status == 403
+
+
+async def test_login_rate_limit_answers_429_with_retry_after(make_client: MakeClient) -> None:
+    """Past CHAT_LOGIN_RATE attempts a minute, sign-in answers 429 and Retry-After."""
+    client = await make_client(CHAT_LOGIN_RATE="3")
+    statuses = [(await login(client, f"user{n}")).status for n in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    limited = await login(client, "late")
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+
+
+async def test_me_without_a_cookie_is_401(client: Client) -> None:
+    """/auth/me with no token answers 401 unauthenticated."""
+    response = await client.get("/auth/me")
+    assert response.status == 401 and (await response.json())["error"] == "unauthenticated"
+
+
+async def test_ws_welcomes_a_signed_in_user(client: Client) -> None:
+    """With the cookie and an allowed Origin: welcome, then joined lobby."""
+    await login(client)
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    welcome, joined = await ws.receive_json(), await ws.receive_json()
+    assert welcome["type"] == "welcome" and welcome["user"]["username"] == "alice"
+    assert joined["type"] == "joined" and joined["room"] == "lobby"
+    await ws.close()
+
+
+async def test_ws_refuses_a_foreign_origin_before_the_upgrade(client: Client) -> None:
+    """A cross-origin upgrade is answered 403 and never becomes a WebSocket."""
+    await login(client)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", headers={"Origin": "http://evil.example"})
+    assert refused.value.status == 403
+
+
+async def test_ws_without_token_is_closed_1008(client: Client) -> None:
+    """No cookie: the upgrade completes and closes at once with 1008 missing token."""
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    msg = await ws.receive()
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert (ws.close_code, msg.extra) == (1008, "missing token")
+
+
+async def test_logout_closes_the_users_sockets_1000(client: Client) -> None:
+    """Sign-out clears both cookies and closes the user's open socket with 1000."""
+    await login(client)
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    await ws.receive_json()
+    await ws.receive_json()
+    await next_of(ws, "presence")
+    response = await client.post("/auth/logout", json={}, headers={"Origin": ORIGIN})
+    assert response.status == 200 and response.cookies["authToken"].value == ""
+    msg = await ws.receive()
+    assert (msg.type, ws.close_code, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1000, "signed out")
+
+
+async def test_publish_api_needs_a_key_and_reaches_the_room(client: Client) -> None:
+    """The publish API refuses a missing or wrong key and bad input; a good call is
+    stored and delivered to the room's members under the service's name."""
+    await login(client)
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    await ws.receive_json()
+    await ws.receive_json()
+    url = "/api/rooms/lobby/messages"
+    assert (await client.post(url, json={"message": "x"})).status == 401
+    wrong = {"Authorization": "Bearer not-the-key-000000"}
+    assert (await client.post(url, json={"message": "x"}, headers=wrong)).status == 401
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert (await client.post("/api/rooms/bad%20room/messages", json={"message": "x"},
+                              headers=key)).status == 400
+    assert (await client.post(url, data=b"{", headers=key)).status == 400
+    assert (await client.post(url, json={"message": ""}, headers=key)).status == 400
+    stored = await client.post(url, json={"message": "deploy at 5"}, headers=key)
+    assert stored.status == 200
+    message_id = (await stored.json())["id"]
+    frame = await next_of(ws, "message")
+    assert (frame["id"], frame["user"], frame["message"]) == (message_id, "announcer",
+                                                              "deploy at 5")
+    await ws.close()
+
+
+async def raw_request(client: Client, request: bytes) -> bytes:
+    """Send bytes no HTTP client library would, and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read(65536)
+    writer.close()
+    return answer
+
+
+async def test_publish_api_refuses_a_non_utf8_key_with_401(client: Client) -> None:
+    """An Authorization header with bytes that are not UTF-8 is a 401, not a 500."""
+    answer = await raw_request(
+        client, b"POST /api/rooms/lobby/messages HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+
+
+async def test_crafted_cookies_are_refused_not_crashed(client: Client) -> None:
+    """A deeply nested JSON header or a non-UTF-8 byte in the cookie: /auth/me 401 and
+    /auth/logout clears the cookies (no 500 before authentication)."""
+    nested = base64.urlsafe_b64encode(b"[" * 2000).decode().rstrip("=") + ".e30.x"
+    for cookie in (nested.encode(), b"\xff" + nested.encode()):
+        me = await raw_request(client, b"GET /auth/me HTTP/1.1\r\nHost: x\r\nCookie: authToken="
+                               + cookie + b"\r\nConnection: close\r\n\r\n")
+        assert me.startswith(b"HTTP/1.1 401 "), me[:80]
+        out = await raw_request(
+            client, b"POST /auth/logout HTTP/1.1\r\nHost: x\r\nOrigin: " + ORIGIN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nCookie: authToken="
+            + cookie + b"\r\nConnection: close\r\n\r\n{}")
+        assert out.startswith(b"HTTP/1.1 200 ") and b'authToken=""; ' in out, out[:300]
+
+
+async def test_pages_carry_security_headers(client: Client) -> None:
+    """The page is served with CSP, nosniff and a Server header that names no version."""
+    response = await client.get("/")
+    assert response.status == 200 and "<html" in (await response.text()).lower()
+    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Server"] == "chatserver"
+
+
+async def test_unreachable_jwks_is_not_ready_and_closes_1011(make_client: MakeClient) -> None:
+    """With Cognito's JWKS unreachable, /readyz says so (503) and an upgrade with a token
+    closes 1011 (retry), not 1008 (which the browser treats as signed out)."""
+    client = await make_client(
+        AWS_COGNITO_USER_POOL_ID="us-east-1_TestPool", AWS_COGNITO_CLIENT_ID="testclient123",
+        AWS_COGNITO_JWKS_URL="http://127.0.0.1:9/jwks.json")
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["detail"] == "auth keys unavailable"
+    token = KEY.mint()
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN,
+                                                "Cookie": f"authToken={token}"})
+    msg = await ws.receive()
+    assert (msg.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, 1011)
+
+
+async def test_a_draining_worker_answers_upgrades_503_before_upgrading(client: Client) -> None:
+    """While draining, /ws answers 503 with Retry-After (a proxy retries another replica)."""
+    await login(client)
+    client.app[ENDPOINT].draining.set()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert refused.value.status == 503
+    assert refused.value.headers is not None and refused.value.headers["Retry-After"] == "1"

@@ -92,8 +92,10 @@ class MemoryBroker(Broker):
         self._users.discard(sub)
 
     def position(self, room: str) -> tuple[int, int] | None:
+        if room not in self._rooms:
+            return None
         stream = self._streams.get(room)
-        return stream.last if stream is not None else None
+        return stream.last if stream is not None else (0, 0)
 
     async def epoch(self, room: str) -> str:
         return self._stream(room).epoch

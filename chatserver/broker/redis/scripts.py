@@ -1,0 +1,142 @@
+"""The broker's Lua scripts, and running a batch of them: EVALSHA for each in one
+pipeline round trip, reloading the scripts on NOSCRIPT (a new or restarted Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+# KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
+# message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here). The payload
+# published already carries the stream id, so receivers need no second lookup.
+PUBLISH_LUA = """
+redis.call('SET', KEYS[3], ARGV[3], 'NX')
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[4] .. id .. ARGV[2])
+return id
+"""
+
+# Epoch, the highest id ever trimmed (Redis >= 7.0, so that "history no longer reaches
+# since" is exact, not guessed from the first entry), and the newest maxlen + 1 entries
+# after `since` (after 0-0 when the epoch changed: the client rebuilds from what is
+# kept), newest first. Newest, since trimming is approximate (MAXLEN ~) and the stream
+# may hold more than maxlen: a replay must end at the room's last message; the extra
+# entry says that some were left out.
+HISTORY_LUA = """
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+local epoch = redis.call('GET', KEYS[2])
+local since = ARGV[1]
+if epoch ~= ARGV[4] then since = '0-0' end
+local maxdel = '0-0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  end
+end
+local count = tonumber(ARGV[2]) + 1
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '(' .. since, 'COUNT', count)
+return {epoch, maxdel, entries}
+"""
+
+# KEYS: presence entries, present users, room channel. The event is published in the
+# same call, so it is in order with the room's messages. A join is an event when the
+# user is new anywhere and the room has at most the limit with them; a leave when the
+# user is gone everywhere and the room had at most the limit before.
+PRESENCE_JOIN_LUA = """
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then
+  local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if n == 1 and redis.call('HLEN', KEYS[2]) <= tonumber(ARGV[5]) then
+    redis.call('PUBLISH', KEYS[3], ARGV[6])
+  end
+end
+return 0
+"""
+
+PRESENCE_LEAVE_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+    if redis.call('HLEN', KEYS[2]) < tonumber(ARGV[3]) then
+      redis.call('PUBLISH', KEYS[3], ARGV[4])
+    end
+  end
+end
+return 0
+"""
+
+# Removes expired entries (a dead instance's members) and returns those whose user is
+# present nowhere else and whose leave is an event (the rule of PRESENCE_LEAVE_LUA);
+# only one sweeper gets each, so one leave event goes out. ARGV: now, event limit.
+PRESENCE_SWEEP_LUA = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if #gone == 0 then return {} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local out = {}
+for _, g in ipairs(gone) do
+  local sub = string.match(g, '^[^\t]*')
+  if redis.call('HINCRBY', KEYS[2], sub, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], sub)
+    if redis.call('HLEN', KEYS[2]) < tonumber(ARGV[2]) then table.insert(out, g) end
+  end
+end
+return out
+"""
+
+# A script (not ZRANGEBYSCORE on the pool) so that it rides the outbox: a members
+# request sees every presence change made before it.
+MEMBERS_LUA = """
+return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One script invocation, ready for a pipeline."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+
+
+class Scripts:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self.publish = client.register_script(PUBLISH_LUA)
+        self.history = client.register_script(HISTORY_LUA)
+        self.presence_join = client.register_script(PRESENCE_JOIN_LUA)
+        self.presence_leave = client.register_script(PRESENCE_LEAVE_LUA)
+        self.presence_sweep = client.register_script(PRESENCE_SWEEP_LUA)
+        self.members = client.register_script(MEMBERS_LUA)
+        self._all = (self.publish, self.history, self.presence_join, self.presence_leave,
+                     self.presence_sweep, self.members)
+
+    async def run(self, calls: Sequence[Call]) -> list[Any]:
+        """Each call's reply (or its error, as an exception object), in order. Raises
+        only when Redis cannot be reached."""
+        results = await self._pipeline(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            # Those entries did not run (a script is all or nothing): load, run just those.
+            for script in self._all:
+                await self._client.script_load(script.script)
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+        """EVALSHA each call in one round trip. (redis-py's Script objects in a pipeline
+        would first ask SCRIPT EXISTS: a second round trip on every batch.)"""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results

@@ -24,6 +24,7 @@ from .auth.tokens import TokenVerifier
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
+from .broker.redis.client import command_client
 from .chat import ChatService, Limits
 from .config import Settings
 from .counters import HitCounter, MemoryHitCounter, RedisHitCounter
@@ -53,7 +54,8 @@ async def create_app(
     client session, and the dev signing key that workers share through Redis."""
     metrics = metrics or Metrics()
     instance = instance_name()
-    store = _redis_client(settings) if settings.redis_url else None
+    # Commands outside the broker: sign-in counters, memberships, the shared dev key.
+    store = command_client(settings.redis_url) if settings.redis_url else None
     session = aiohttp.ClientSession()
     try:
         auth = await _auth_service(settings, session, store, metrics)
@@ -133,13 +135,6 @@ def _add_static(router: web.UrlDispatcher, static: Path) -> None:
 
     router.add_get("/", index)
     router.add_static("/", static, append_version=False)
-
-
-def _redis_client(settings: Settings) -> aioredis.Redis:
-    """Commands outside the broker: the sign-in counters and the shared dev key."""
-    assert settings.redis_url is not None
-    return aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                   socket_timeout=5)
 
 
 def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:

@@ -95,6 +95,7 @@ async def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await chat.control.close()
             await broker.close()
             await session.close()
             if store is not None:

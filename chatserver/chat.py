@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from . import protocol
 from .broker.base import Broker, BrokerUnavailable
 from .connection import Connection, TokenBucket
-from .hub import SIGNOUT, Hub
+from .control import UserControl
+from .hub import Hub
 from .memberships import MemoryMemberships
 from .permissions import Access, Gatekeeper, RoomRules
 from .protocol import (
@@ -39,7 +40,6 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-RECHECK = b"!recheck "  # control payload on a user channel: re-decide access to a room
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,8 +53,7 @@ class Limits:
 
 
 class ChatService:
-    """Also the broker's sink: room payloads go straight to the Hub; per-user payloads
-    may be control messages (sign-out, a membership change) that this layer acts on."""
+    """Also the broker's sink (deliver_room, deliver_user)."""
 
     def __init__(self, hub: Hub, broker: Broker, limits: Limits,
                  gate: Gatekeeper | None = None) -> None:
@@ -63,17 +62,14 @@ class ChatService:
         self.limits = limits
         self.gate = gate or Gatekeeper(RoomRules(()), MemoryMemberships())
         self._user_buckets: dict[str, TokenBucket] = {}  # sub -> bucket, while connected
-        self._rechecks: set[asyncio.Task[None]] = set()
-        # The hot path (every room payload) pays no extra call for this layer.
+        self.control = UserControl(hub, broker, self.gate, self._leave)
+        # The broker's sink: room payloads straight to the Hub (the hot path pays no
+        # extra call), per-user ones through the control layer.
         self.deliver_room = hub.deliver_room
-
-    def deliver_user(self, sub: str, payload: bytes) -> None:
-        if payload.startswith(RECHECK):
-            task = asyncio.create_task(self._recheck(sub, payload[len(RECHECK):].decode()))
-            self._rechecks.add(task)
-            task.add_done_callback(self._rechecks.discard)
-        else:
-            self.hub.deliver_user(sub, payload)
+        self.deliver_user = self.control.deliver_user
+        self.sign_out = self.control.sign_out
+        self.grant = self.control.grant
+        self.revoke = self.control.revoke
 
     # ------------------------------------------------------------- lifecycle
 
@@ -194,45 +190,11 @@ class ChatService:
         await self._leave(conn, room)
         conn.send(protocol.left(room))
 
-    async def sign_out(self, sub: str) -> None:
-        """Close every socket of this user on every worker and replica."""
-        await self.broker.send_user(sub, SIGNOUT)
-
     async def _share_a_room(self, conn: Connection, sub: str) -> bool:
         for room in conn.rooms:
             if any(m.sub == sub for m in await self.broker.members(room)):
                 return True
         return False
-
-    # ------------------------------------------------------------ memberships
-
-    async def grant(self, room: str, sub: str, role: str) -> None:
-        """Grant membership; the user's open sockets re-check the room everywhere."""
-        await self.gate.memberships.grant(room, sub, role)
-        await self.broker.send_user(sub, RECHECK + room.encode())
-
-    async def revoke(self, room: str, sub: str) -> bool:
-        """Remove a membership; where it was what let the user read the room, every
-        socket of theirs leaves it within a pub/sub round trip (`left`, revoked)."""
-        found = await self.gate.memberships.revoke(room, sub)
-        await self.broker.send_user(sub, RECHECK + room.encode())
-        return found
-
-    async def _recheck(self, sub: str, room: str) -> None:
-        for conn in list(self.hub.users.get(sub, ())):
-            if room not in conn.rooms or conn.closed:
-                continue
-            try:
-                access = await self.gate.access(room, conn.user)
-            except BrokerUnavailable:
-                access = Access(False, False)  # cannot tell: closed, as by default
-            if not access.read:
-                await self._leave(conn, room)
-                conn.send(protocol.left(room, reason="revoked"))
-            elif access.write and conn.readonly:
-                conn.readonly = conn.readonly - {room} or None
-            elif not access.write:
-                conn.readonly = (conn.readonly or set()) | {room}
 
     # --------------------------------------------------------------- joining
 

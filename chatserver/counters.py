@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -21,9 +21,23 @@ class CounterUnavailable(Exception):
 
 
 class HitCounter(Protocol):
+    """Every method raises CounterUnavailable when the shared store cannot answer."""
+
     async def hit(self, key: str, window: int) -> int:
         """Count one hit on `key` in the current fixed window of `window` seconds and
-        return the window's count so far. Raises CounterUnavailable."""
+        return the window's count so far."""
+        ...
+
+    async def clear(self, key: str, window: int) -> None:
+        """Forget the current window's hits on `key`."""
+        ...
+
+    async def hold(self, key: str, seconds: float) -> None:
+        """Mark `key` for `seconds` (a wait imposed on it)."""
+        ...
+
+    async def held(self, key: str) -> float:
+        """Seconds left of the mark on `key`; 0 when there is none."""
         ...
 
 
@@ -31,6 +45,7 @@ class MemoryHitCounter:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._hits: dict[str, tuple[int, int]] = {}  # key -> (window number, count)
+        self._holds: dict[str, float] = {}  # key -> until
 
     async def hit(self, key: str, window: int) -> int:
         slot = int(self._clock()) // window
@@ -41,6 +56,18 @@ class MemoryHitCounter:
         self._hits[key] = (slot, count)
         return count
 
+    async def clear(self, key: str, window: int) -> None:
+        self._hits.pop(key, None)
+
+    async def hold(self, key: str, seconds: float) -> None:
+        now = self._clock()
+        if len(self._holds) > MAX_MEMORY_KEYS:
+            self._holds = {k: until for k, until in self._holds.items() if until > now}
+        self._holds[key] = now + seconds
+
+    async def held(self, key: str) -> float:
+        return max(0.0, self._holds.get(key, 0.0) - self._clock())
+
 
 class RedisHitCounter:
     def __init__(
@@ -50,13 +77,30 @@ class RedisHitCounter:
         self._prefix = prefix
         self._clock = clock
 
+    def _window_key(self, key: str, window: int) -> str:
+        return f"{self._prefix}hits:{key}:{int(self._clock()) // window}"
+
     async def hit(self, key: str, window: int) -> int:
-        name = f"{self._prefix}hits:{key}:{int(self._clock()) // window}"
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.incr(name)
-                pipe.expire(name, window * 2)
-                count, _ = await pipe.execute()
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise CounterUnavailable(f"redis hit failed: {type(exc).__name__}") from None
+        name = self._window_key(key, window)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.incr(name)
+            pipe.expire(name, window * 2)
+            count, _ = await self._call(pipe.execute())
         return int(count)
+
+    async def clear(self, key: str, window: int) -> None:
+        await self._call(self._client.delete(self._window_key(key, window)))
+
+    async def hold(self, key: str, seconds: float) -> None:
+        millis = max(1, int(seconds * 1000))
+        await self._call(self._client.set(f"{self._prefix}hold:{key}", 1, px=millis))
+
+    async def held(self, key: str) -> float:
+        left = await self._call(self._client.pttl(f"{self._prefix}hold:{key}"))
+        return max(0, int(left)) / 1000
+
+    async def _call(self, awaitable: Any) -> Any:  # redis-py types its replies loosely
+        try:
+            return await awaitable
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise CounterUnavailable(f"redis counter: {type(exc).__name__}") from None

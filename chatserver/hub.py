@@ -12,9 +12,8 @@ import asyncio
 from collections.abc import Callable
 
 from .connection import Connection
-from .protocol import RESUME_BACKLOG, SIGNED_OUT, message_id_of, parse_id, text_frame
+from .protocol import RESUME_BACKLOG, message_id_of, parse_id, text_frame
 
-SIGNOUT = b"!signout"  # control payload on a user channel: close that user's sockets
 MAX_REPLAY_BUFFER = 10000  # live payloads held for one resuming connection
 
 
@@ -105,10 +104,6 @@ class Hub:
     def deliver_user(self, sub: str, payload: bytes) -> None:
         conns = self.users.get(sub)
         if not conns:
-            return
-        if payload == SIGNOUT:
-            for conn in conns:
-                conn.kick(SIGNED_OUT)
             return
         frame = text_frame(payload)
         for conn in conns:

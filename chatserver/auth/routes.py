@@ -11,26 +11,27 @@ import base64
 import binascii
 import hmac
 import logging
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..broker.base import BrokerUnavailable
 from ..config import Settings
-from ..counters import CounterUnavailable, HitCounter
+from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer
 from .gate import AUTH_COOKIE, client_ip
+from .throttle import LoginThrottle
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
 log = logging.getLogger(__name__)
 
 REFRESH_COOKIE = "refreshToken"
-LOGIN_WINDOW = 60
 MAX_CREDENTIAL_CHARS = 256
 COGNITO_REFRESH_MAX_AGE = 30 * 24 * 3600  # Cognito's default refresh token lifetime
 REVOKE_TIMEOUT = 2.0  # seconds a sign-out waits for Cognito to revoke the refresh token
@@ -58,6 +59,7 @@ class AuthRoutes:
         self.auth = auth
         self.settings = auth.settings
         self._sign_out = sign_out  # closes a user's sockets on every worker and replica
+        self._throttle = LoginThrottle(auth.hits, auth.settings.login_rate_per_minute)
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/auth/login", self.login)
@@ -79,23 +81,19 @@ class AuthRoutes:
         username = username.strip()
         if len(username) > MAX_CREDENTIAL_CHARS or len(password) > MAX_CREDENTIAL_CHARS:
             return error(400, "bad_request", "username or password too long")
-        if await self._too_many(client_ip(request, self.settings), username):
+        wait = await self._throttle.wait_before_login(client_ip(request, self.settings), username)
+        if wait:
             self.auth.metrics.auth_failures.labels("login_rate").inc()
-            response = error(429, "rate_limited", "too many sign-in attempts; wait a minute")
-            response.headers["Retry-After"] = str(LOGIN_WINDOW - int(time.time()) % LOGIN_WINDOW)
-            return response
+            return _too_many("too many sign-in attempts; try again shortly", wait)
         if self.auth.dev is not None:
-            return await self._dev_login(username, password)
-        return await self._cognito_login(username, password)
-
-    async def _too_many(self, ip: str, username: str) -> bool:
-        limit = self.settings.login_rate_per_minute
-        try:
-            by_ip = await self.auth.hits.hit(f"login-ip:{ip}", LOGIN_WINDOW)
-            by_name = await self.auth.hits.hit(f"login-user:{username.lower()}", LOGIN_WINDOW)
-        except CounterUnavailable:
-            return False  # fail open: Cognito keeps its own limits
-        return by_ip > limit or by_name > limit
+            response = await self._dev_login(username, password)
+        else:
+            response = await self._cognito_login(username, password)
+        if response.status == 401:
+            await self._throttle.failed(username)
+        elif response.status == 200:
+            await self._throttle.succeeded(username)
+        return response
 
     async def _dev_login(self, username: str, password: str) -> web.Response:
         assert self.auth.dev is not None
@@ -174,6 +172,11 @@ class AuthRoutes:
         assert self.auth.cognito is not None
         refused = error(401, "unauthenticated", "refresh token refused")
         encoded_name, _, refresh_token = value.partition(".")
+        if not _plausible_refresh_token(refresh_token):
+            return self._signed_out(refused)  # no Cognito call for what cannot be real
+        wait = await self._throttle.wait_before_call(client_ip(request, self.settings))
+        if wait:
+            return _too_many("too many refreshes from this address", wait)
         try:
             cognito_name = base64.urlsafe_b64decode(encoded_name.encode()).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -205,21 +208,19 @@ class AuthRoutes:
         except TokenError:
             user = None
         if user is not None:
-            try:
-                await self._sign_out(user.sub)
-            except BrokerUnavailable:
-                log.warning("sign-out of %s not broadcast: broker unavailable", user.sub)
-        await self._revoke(request.cookies.get(REFRESH_COOKIE))
+            await self._sign_out(user.sub)  # retried in the background while Redis is down
+        refresh = request.cookies.get(REFRESH_COOKIE, "").partition(".")[2]
+        if self.auth.cognito is not None and _plausible_refresh_token(refresh):
+            wait = await self._throttle.wait_before_call(client_ip(request, self.settings))
+            if wait:  # the sockets are closed; only the Cognito call waits for a retry
+                return _too_many("too many sign-outs from this address", wait)
+            await self._revoke(refresh)
         return self._signed_out(web.json_response({"ok": True}))
 
-    async def _revoke(self, cookie: str | None) -> None:
+    async def _revoke(self, refresh_token: str) -> None:
         """Revoke the Cognito refresh token, so a copy of the cookie is worth nothing after
         sign-out. Best effort, bounded: the sign-out itself never waits on it failing."""
-        if self.auth.cognito is None or not cookie:
-            return
-        refresh_token = cookie.partition(".")[2]
-        if not refresh_token:
-            return
+        assert self.auth.cognito is not None
         try:
             await asyncio.wait_for(self.auth.cognito.revoke(refresh_token), REVOKE_TIMEOUT)
         except (CognitoError, CognitoUnavailable, TimeoutError) as exc:
@@ -244,3 +245,18 @@ class AuthRoutes:
         for name, path in ((AUTH_COOKIE, "/"), (REFRESH_COOKIE, "/auth")):
             self._set_cookie(response, name, "", path, max_age=0)
         return response
+
+
+# Cognito refresh tokens are JWEs: five base64url segments, about 1.7 kB.
+REFRESH_TOKEN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]*){4}")
+MAX_REFRESH_CHARS = 8192
+
+
+def _plausible_refresh_token(token: str) -> bool:
+    return 20 <= len(token) <= MAX_REFRESH_CHARS and REFRESH_TOKEN.fullmatch(token) is not None
+
+
+def _too_many(detail: str, wait: float) -> web.Response:
+    response = error(429, "rate_limited", detail)
+    response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    return response

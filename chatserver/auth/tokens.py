@@ -50,6 +50,7 @@ class User:
     email: str | None = None
     groups: tuple[str, ...] = ()
     exp: float = 0.0
+    iat: float = 0.0  # when the token was issued: a sign-out closes the ones before it
 
     def public(self) -> dict[str, Any]:
         """What other users and the browser may see of this user."""
@@ -71,6 +72,7 @@ def user_from_claims(claims: dict[str, Any]) -> User:
         email=str(email) if email else None,
         groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
         exp=float(claims["exp"]),
+        iat=float(claims.get("iat") or 0),
     )
 
 

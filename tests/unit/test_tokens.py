@@ -172,10 +172,11 @@ def forged() -> dict[str, tuple[str | None, str]]:
 
 
 async def test_good_access_token_gives_its_user(verifier: TokenVerifier) -> None:
-    """A valid access token yields its sub, username, groups and exp."""
+    """A valid access token yields its sub, username, groups, exp and iat."""
     claims = KEY.claims(sub="alice", **{"cognito:groups": ["admins"]})
     user = await verifier.verify(KEY.mint(claims))
-    assert user == User(sub="alice", username="alice", groups=("admins",), exp=claims["exp"])
+    assert user == User(sub="alice", username="alice", groups=("admins",), exp=claims["exp"],
+                        iat=claims["iat"])
 
 
 async def test_second_issuer_form_is_accepted(verifier: TokenVerifier) -> None:

@@ -449,8 +449,9 @@ async def test_oversized_login_body_is_a_json_error(server: ServerProcess,
     b"{not json", b"", b"[]", b'"alice"', b'{"password": "x"}',
     b'{"username": 42, "password": "x"}', b'{"username": "alice", "password": 42}',
     b'{"username": "   ", "password": "x"}', b'{"username": "' + b"a" * 300 + b'", "password": "x"}',
+    b'{"username": "alice", "password": "x", "groups": ["admins"]}',
 ], ids=["not_json", "empty", "array", "string", "no_username", "username_number",
-        "password_number", "blank_username", "long_username"])
+        "password_number", "blank_username", "long_username", "groups_are_cognitos"])
 async def test_malformed_login_body_is_400(server: ServerProcess, fake: FakeCognito,
                                            body: bytes) -> None:
     """A login body that is not {"username": str, "password": str} is 400, not sent on."""

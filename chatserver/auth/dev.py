@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 DEV_ISSUER = "chatserver-dev"
 DEV_CLIENT_ID = "chatserver-dev"
 DEV_USERNAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+DEV_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # Cognito group names, the ASCII subset
+MAX_DEV_GROUPS = 16
 REFRESH_TTL = 7 * 24 * 3600
 
 
@@ -79,8 +81,28 @@ class DevIssuer:
         claims.update(extra)
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
 
-    def mint_refresh(self, username: str) -> str:
-        return self.mint(username, ttl=REFRESH_TTL, token_use="refresh")
+    def mint_for(self, username: str, groups: tuple[str, ...] = ()) -> str:
+        """An access token; groups go where Cognito puts them (cognito:groups)."""
+        return self.mint(username, **_groups_claim(groups))
+
+    def mint_refresh(self, username: str, groups: tuple[str, ...] = ()) -> str:
+        """A refresh token that carries the groups, so a refresh keeps them."""
+        return self.mint(username, ttl=REFRESH_TTL, token_use="refresh", **_groups_claim(groups))
+
+
+def parse_dev_groups(value: object) -> tuple[str, ...]:
+    """The dev sign-in's optional "groups" list, checked; ValueError says what is wrong."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_DEV_GROUPS:
+        raise ValueError(f"groups: a list of at most {MAX_DEV_GROUPS} names")
+    if not all(isinstance(g, str) and DEV_GROUP.fullmatch(g) for g in value):
+        raise ValueError("groups: each 1-64 of A-Z a-z 0-9 _ . -")
+    return tuple(dict.fromkeys(value))
+
+
+def _groups_claim(groups: tuple[str, ...]) -> dict[str, Any]:
+    return {"cognito:groups": list(groups)} if groups else {}
 
 
 def _b64u(number: int) -> str:

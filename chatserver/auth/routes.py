@@ -24,7 +24,7 @@ from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
-from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer
+from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer, parse_dev_groups
 from .gate import AUTH_COOKIE, client_ip
 from .throttle import LoginThrottle
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
@@ -86,7 +86,9 @@ class AuthRoutes:
             self.auth.metrics.auth_failures.labels("login_rate").inc()
             return _too_many("too many sign-in attempts; try again shortly", wait)
         if self.auth.dev is not None:
-            response = await self._dev_login(username, password)
+            response = await self._dev_login(username, password, body.get("groups"))
+        elif "groups" in body:
+            return error(400, "bad_request", "groups come from Cognito, not from the sign-in")
         else:
             response = await self._cognito_login(username, password)
         if response.status == 401:
@@ -95,21 +97,26 @@ class AuthRoutes:
             await self._throttle.succeeded(username)
         return response
 
-    async def _dev_login(self, username: str, password: str) -> web.Response:
+    async def _dev_login(self, username: str, password: str, groups: object) -> web.Response:
+        """Any username signs in (with CHAT_DEV_PASSWORD, if set); for local work with
+        group rules it may name its groups, which a Cognito pool would assign."""
         assert self.auth.dev is not None
         expected = self.settings.dev_password
         if not DEV_USERNAME.fullmatch(username):
             return error(400, "bad_request", "username: 1-64 of A-Z a-z 0-9 _ . @ -")
+        try:
+            chosen = parse_dev_groups(groups)
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
         if expected is not None and not hmac.compare_digest(password.encode(), expected.encode()):
             self.auth.metrics.auth_failures.labels("bad_credentials").inc()
             return error(401, "invalid_credentials", "wrong username or password")
-        token = self.auth.dev.mint(username)
+        token = self.auth.dev.mint_for(username, chosen)
         user = await self.auth.verifier.verify(token)
         response = web.json_response({"user": user.public()})
         self._set_auth_cookie(response, token, user)
-        self._set_cookie(
-            response, REFRESH_COOKIE, self.auth.dev.mint_refresh(username), "/auth", REFRESH_TTL
-        )
+        refresh = self.auth.dev.mint_refresh(username, chosen)
+        self._set_cookie(response, REFRESH_COOKIE, refresh, "/auth", REFRESH_TTL)
         return response
 
     async def _cognito_login(self, username: str, password: str) -> web.Response:
@@ -164,7 +171,7 @@ class AuthRoutes:
                 old = await self.auth.refresh_verifier.verify(value)
             except TokenError:
                 return self._signed_out(error(401, "unauthenticated", "refresh token refused"))
-            token = self.auth.dev.mint(old.username)
+            token = self.auth.dev.mint_for(old.username, old.groups)
             user = await self.auth.verifier.verify(token)
             response = web.json_response({"user": user.public()})
             self._set_auth_cookie(response, token, user)

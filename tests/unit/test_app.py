@@ -94,6 +94,33 @@ async def test_login_refuses_bad_requests(client: Client, headers: dict[str, str
     assert "error" in await response.json() and "authToken" not in response.cookies
 
 
+async def test_dev_sign_in_may_name_groups_that_rules_and_refresh_honour(
+        make_client: MakeClient) -> None:
+    """For local work with group rules, the dev sign-in takes "groups": they land in
+    cognito:groups, open a group: room, survive a refresh; bad groups answer 400."""
+    client = await make_client(CHAT_ROOM_RULES="staff-* read=group:staff write=group:staff")
+    signed = await client.post("/auth/login", headers={"Origin": ORIGIN},
+                               json={"username": "alice", "groups": ["staff", "ops"]})
+    assert (await signed.json())["user"]["groups"] == ["staff", "ops"]
+    refreshed = await client.post("/auth/refresh", json={}, headers={"Origin": ORIGIN})
+    assert (await refreshed.json())["user"]["groups"] == ["staff", "ops"]
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert (await next_of(ws, "joined"))["room"] == "lobby"
+    await ws.send_json({"type": "join", "room": "staff-room", "ref": "j"})
+    assert (await next_of(ws, "joined"))["room"] == "staff-room"
+    await ws.close()
+    await login(client, "bob")
+    ws = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    await ws.send_json({"type": "join", "room": "staff-room", "ref": "j"})
+    refused = await next_of(ws, "error")
+    assert (refused["code"], refused["room"]) == ("forbidden", "staff-room")
+    await ws.close()
+    for groups in ("staff", ["bad group"], ["g"] * 17, [1]):
+        bad = await client.post("/auth/login", headers={"Origin": ORIGIN},
+                                json={"username": "carol", "groups": groups})
+        assert bad.status == 400 and "groups" in (await bad.json())["detail"]
+
+
 async def test_login_needs_json_content_type(client: Client) -> None:
     """A form POST (what a cross-site form could send) is refused before any route."""
     response = await client.post("/auth/login", data={"username": "alice"},

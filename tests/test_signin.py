@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from chatserver.config import load_settings
 from tests.cognito_keys import CLIENT_ID, cognito_env
 from tests.fake_cognito import AMZ_JSON, TARGET, FakeCognito, PoolUser, expected_secret_hash
 from tests.support import (
+    RedisServer,
     ServerProcess,
     base_env,
     cookie_session,
@@ -105,6 +106,7 @@ class Answer:
     status: int
     body: dict[str, Any]
     cookies: dict[str, tuple[str, dict[str, str | bool]]]  # name -> (value, attributes)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def parse_set_cookie(header: str) -> tuple[str, str, dict[str, str | bool]]:
@@ -139,7 +141,7 @@ async def call(session: aiohttp.ClientSession, server: ServerProcess, method: st
             body = await response.json(content_type=None) if text else {}
         except ValueError:
             body = {"_text": text}
-        return Answer(response.status, body, cookies)
+        return Answer(response.status, body, cookies, dict(response.headers))
 
 
 async def login(session: aiohttp.ClientSession, server: ServerProcess, username: str,
@@ -555,6 +557,14 @@ async def test_me_without_cookie_is_401(server: ServerProcess) -> None:
 # ---------------------------------------------------------------- rate limit
 
 
+async def inside_one_window(seconds: float = 10) -> None:
+    """The sign-in limits count in fixed minutes: start a counting test where the next
+    `seconds` cannot cross into a new minute, or its counts would start again."""
+    left = 60 - time.time() % 60
+    if left < seconds:
+        await asyncio.sleep(left + 0.05)
+
+
 async def test_login_rate_limited_per_ip(make_server: Callable[..., ServerProcess],
                                          fake: FakeCognito) -> None:
     """The 11th attempt a minute from one IP is 429 before Cognito, XFF or not; other IPs pass."""
@@ -585,6 +595,63 @@ async def test_login_rate_limited_per_username(make_server: Callable[..., Server
     assert len(fake.calls) == 10
     async with session_from("127.0.0.30") as session:
         assert (await login(session, server, CAROL_EMAIL, CAROL.password)).status == 200
+
+
+async def test_nobody_can_lock_a_user_out_by_typing_their_name(
+        make_server: Callable[..., ServerProcess], fake: FakeCognito) -> None:
+    """Hardening 3: 30 wrong passwords for alice from one address reach Cognito 10 times
+    (the address limit refuses the rest, and those do not count against her name); the
+    wait they put on her name is 1 s, after which she signs in; her own good sign-ins,
+    from 12 addresses, never count at all."""
+    server = make_server(env=pool_env(fake))
+    await inside_one_window()
+    async with session_from("127.0.0.1") as attacker:
+        statuses = [(await login(attacker, server, ALICE.username, "wrong-pw")).status
+                    for _ in range(30)]
+    assert statuses == [401] * 10 + [429] * 20
+    assert len(fake.calls) == 10
+    async with session_from("127.0.0.2") as victim:
+        answer = await login(victim, server, ALICE.username, ALICE.password)
+        if answer.status == 429:  # inside the 1 s the tenth failure imposed
+            assert answer.headers["Retry-After"] == "1", answer.headers
+            await asyncio.sleep(1.05)
+            answer = await login(victim, server, ALICE.username, ALICE.password)
+        assert answer.status == 200, answer.body
+    for n in range(12):
+        async with session_from(f"127.0.0.{40 + n}") as session:
+            assert (await login(session, server, ALICE.username, ALICE.password)).status == 200
+
+
+async def test_forged_refresh_cookies_cost_no_cognito_call(
+        make_server: Callable[..., ServerProcess], fake: FakeCognito) -> None:
+    """Hardening 7: a refresh cookie that cannot be Cognito's is refused with no call;
+    one shaped like a real one costs a call, at most CHAT_LOGIN_RATE x 3 a minute per
+    address for refresh and sign-out together, then 429 with Retry-After."""
+    server = make_server(env=pool_env(fake, CHAT_LOGIN_RATE="2"))
+    await inside_one_window()
+    async with session_from("127.0.0.1") as session:
+        for forged in ("YWxpY2U=.short", "YWxpY2U=." + "a" * 30 + "~.b.c.d.e", "YWxpY2U=.a.b.c.d.e.f"):
+            answer = await call(session, server, "POST", "/auth/refresh",
+                                headers=refresh_cookie(forged))
+            assert answer.body == {"error": "unauthenticated", "detail": "refresh token refused"}
+            logout = await call(session, server, "POST", "/auth/logout",
+                                headers=refresh_cookie(forged))
+            assert logout.status == 200
+        assert fake.calls == []
+        shaped = "YWxpY2U=." + ".".join(["eyJjdHkiOiJKV1QifQ", "a" * 40, "b" * 12, "c" * 80,
+                                         "d" * 16])
+        statuses = []
+        for path in ["/auth/refresh", "/auth/logout"] * 4:
+            answer = await call(session, server, "POST", path, headers=refresh_cookie(shaped))
+            statuses.append(answer.status)
+        assert statuses == [401, 200, 401, 200, 401, 200, 429, 429], statuses
+        assert 0 < int(answer.headers["Retry-After"]) <= 60
+    assert len(fake.calls) == 6
+
+
+def refresh_cookie(value: str) -> dict[str, str | None]:
+    """Sent by hand: a jar would drop the cookie once the server has cleared it."""
+    return {"Cookie": f"refreshToken={value}"}
 
 
 # ------------------------------------------------------------------ dev sign-in
@@ -623,6 +690,32 @@ async def test_dev_sign_in_across_two_workers(make_server: Callable[..., ServerP
     async with cookie_session() as swapped:  # an access token as refresh token
         swapped.cookie_jar.update_cookies({"refreshToken": token}, URL(server.url + "/auth/"))
         assert (await call(swapped, server, "POST", "/auth/refresh")).status == 401
+
+
+async def test_sign_out_while_redis_is_down_closes_every_socket_once_it_returns(
+        make_server: Callable[..., ServerProcess], make_redis: Callable[[], RedisServer],
+        dev_key_file: Path) -> None:
+    """Hardening 6: Redis is killed, the user signs out: the worker that answered closes
+    its socket at once, the other worker's socket stays open while nothing can reach it,
+    and closes within seconds of Redis coming back (the sign-out was retried)."""
+    redis = make_redis()
+    server = make_server(workers=2, redis_url=redis.url,
+                         env={"CHAT_DEV_KEY_FILE": str(dev_key_file)})
+    async with cookie_session() as session:
+        signed = await login(session, server, "olga", "")
+        sockets = await sockets_on_two_workers(session, server, signed.body["user"]["sub"])
+        redis.kill()
+        out = await call(session, server, "POST", "/auth/logout")
+        assert (out.status, out.body) == (200, {"ok": True})
+        assert_cleared(out)
+        closing = [asyncio.ensure_future(server_close(ws, timeout=30)) for ws in sockets]
+        done, pending = await asyncio.wait(closing, timeout=scaled(5),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert [task.result() for task in done] == [(1000, "signed out")]
+        assert len(pending) == 1, "the other worker cannot have heard of it yet"
+        await asyncio.to_thread(redis.start)
+        assert await pending.pop() == (1000, "signed out")
+    assert "not broadcast (broker unavailable); retrying" in server.log()
 
 
 async def test_logout_revokes_the_refresh_token(server: ServerProcess, fake: FakeCognito) -> None:

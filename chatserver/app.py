@@ -69,12 +69,14 @@ async def create_app(
     limits = Limits(max_rooms=settings.max_rooms, max_text_chars=settings.max_text_chars,
                     flood_strikes=settings.rate_burst, user_rate=settings.per_user_rate,
                     user_burst=settings.per_user_burst,
-                    direct_needs_shared_room=settings.direct_messages == "shared-room")
+                    direct_needs_shared_room=settings.direct_messages == "shared-room",
+                    user_rooms_per_hour=settings.user_rooms_per_hour,
+                    rooms_per_hour=settings.rooms_per_hour)
     memberships: Memberships = (
         RedisMemberships(store, settings.redis_prefix) if store is not None
         else MemoryMemberships())
     gate = Gatekeeper(load_rules(settings.room_rules, settings.room_rules_file), memberships)
-    chat = ChatService(hub, broker, limits, gate)
+    chat = ChatService(hub, broker, limits, gate, auth.hits)
     endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance)
     auth_gate = AuthGate(settings, auth.verifier, metrics)
 
@@ -142,6 +144,7 @@ def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
     if not settings.redis_url:
         return MemoryBroker(
             history_maxlen=settings.history_maxlen,
+            room_ttl=settings.room_ttl,
             presence_event_limit=settings.presence_event_limit,
         )
     return RedisBroker(
@@ -149,6 +152,7 @@ def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
         instance=instance,
         prefix=settings.redis_prefix,
         history_maxlen=settings.history_maxlen,
+        room_ttl=settings.room_ttl,
         presence_ttl=settings.presence_ttl,
         presence_event_limit=settings.presence_event_limit,
         on_reconnect=metrics.redis_reconnects.inc,

@@ -16,6 +16,7 @@ from . import protocol
 from .broker.base import Broker, BrokerUnavailable
 from .connection import Connection, TokenBucket
 from .control import UserControl
+from .counters import CounterUnavailable, HitCounter, MemoryHitCounter
 from .hub import Hub
 from .memberships import MemoryMemberships
 from .permissions import Access, Gatekeeper, RoomRules
@@ -50,17 +51,23 @@ class Limits:
     user_rate: float = 0.0  # messages a second for all of one user's connections (0: off)
     user_burst: int = 1
     direct_needs_shared_room: bool = False  # CHAT_DIRECT_MESSAGES=shared-room
+    user_rooms_per_hour: int = 0  # rooms a user may open that this worker lacks (0: off)
+    rooms_per_hour: int = 0  # the same for the deployment (0: off)
+
+
+ROOM_WINDOW = 3600  # seconds over which rooms opened are counted
 
 
 class ChatService:
     """Also the broker's sink (deliver_room, deliver_user)."""
 
     def __init__(self, hub: Hub, broker: Broker, limits: Limits,
-                 gate: Gatekeeper | None = None) -> None:
+                 gate: Gatekeeper | None = None, hits: HitCounter | None = None) -> None:
         self.hub = hub
         self.broker = broker
         self.limits = limits
         self.gate = gate or Gatekeeper(RoomRules(()), MemoryMemberships())
+        self.hits = hits or MemoryHitCounter()  # rooms opened, shared by the deployment
         self._user_buckets: dict[str, TokenBucket] = {}  # sub -> bucket, while connected
         self.control = UserControl(hub, broker, self.gate, self._leave)
         # The broker's sink: room payloads straight to the Hub (the hot path pays no
@@ -209,6 +216,8 @@ class ChatService:
         if not access.read:
             # The same answer whether the room exists or not: nothing leaks.
             raise ProtocolError(FORBIDDEN, "not allowed in this room", room=room)
+        if room != LOBBY and room not in self.hub.rooms:
+            await self._count_room_opened(conn.user.sub, room)
         state, created = self.hub.reserve(room)
         try:
             if created:
@@ -241,6 +250,22 @@ class ChatService:
             await self._replay(conn, room, join.since, join.epoch)
         if first:
             self.broker.presence(room, conn.member, True)
+
+    async def _count_room_opened(self, sub: str, room: str) -> None:
+        """Rooms are made by joining them, so a join of a room this worker lacks counts
+        against the user's and the deployment's hourly allowance: nobody can fill Redis
+        with rooms (their state expires with CHAT_ROOM_TTL besides)."""
+        for key, allowed in ((f"rooms-opened:{sub}", self.limits.user_rooms_per_hour),
+                             ("rooms-opened", self.limits.rooms_per_hour)):
+            if not allowed:
+                continue
+            try:
+                opened = await self.hits.hit(key, ROOM_WINDOW)
+            except CounterUnavailable as exc:
+                raise BrokerUnavailable("room counter unavailable") from exc
+            if opened > allowed:
+                raise ProtocolError(RATE_LIMITED, "too many new rooms this hour; try an "
+                                    "existing one or later", room=room)
 
     async def _subscribe(self, room: str, subscribed: asyncio.Future[None]) -> None:
         try:

@@ -188,6 +188,13 @@ class Settings:
         group=LIMITS, low=4096, high=1 << 30)
     max_rooms: int = setting(
         "CHAT_MAX_ROOMS", 50, "rooms per connection", group=LIMITS, low=1, high=10000)
+    user_rooms_per_hour: int = setting(
+        "CHAT_USER_ROOMS_PER_HOUR", 200, "rooms a user may open in an hour that nobody on "
+        "the worker is in (each may create room state in Redis; the lobby is exempt); 0: "
+        "no limit", group=LIMITS, low=0, high=1_000_000_000)
+    rooms_per_hour: int = setting(
+        "CHAT_ROOMS_PER_HOUR", 20000, "the same, for all users of the deployment together",
+        group=LIMITS, low=0, high=1_000_000_000)
     max_connections: int = setting(
         "CHAT_MAX_CONNECTIONS", 10000, "open WebSockets per worker", group=LIMITS,
         low=1, high=10_000_000)
@@ -211,6 +218,10 @@ class Settings:
     history_maxlen: int = setting(
         "CHAT_HISTORY_MAXLEN", 1000, "messages kept per room (`XADD MAXLEN ~`)",
         group=TIMING, low=10, high=10_000_000)
+    room_ttl: int = setting(
+        "CHAT_ROOM_TTL", 7 * 24 * 3600, "seconds a room's history and epoch are kept after "
+        "its last message or join (refreshed by use); 0: forever", group=TIMING, low=0,
+        high=10 * 365 * 24 * 3600, shown="604800 (7 days)")
     presence_ttl: float = setting(
         "CHAT_PRESENCE_TTL", 30.0, "seconds before a dead instance's members disappear",
         group=TIMING, low=3, high=3600)

@@ -24,7 +24,9 @@ class Replay:
     """The stored messages of a room after a given id."""
 
     frames: list[bytes]  # message payloads after `since` (all kept, if the epoch changed)
-    complete: bool  # False: the epoch changed or history no longer reaches `since`
+    # False: the epoch changed, history no longer reaches `since`, or `since` is past the
+    # room's last message (then frames are the whole kept history)
+    complete: bool
     epoch: str
 
 

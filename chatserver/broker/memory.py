@@ -1,5 +1,9 @@
 """In-process broker: one worker, no Redis. Same semantics as RedisBroker (ids, epochs,
-bounded history, presence), so the embedded default behaves like production.
+bounded history, presence, room expiry), so the embedded default behaves like production.
+
+Rooms must not pile up in memory: a room nobody is in that holds no message is dropped
+when its last member leaves (nothing is lost: a new epoch of an empty room replays the
+same nothing), and one with history once it has not been used for the room TTL.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from .. import protocol
 from ..protocol import message_frame, parse_id
 from .base import Broker, Member, Replay, Sink
 
+SWEEP_EVERY = 60.0  # seconds between looks for expired rooms
+
 
 class _Stream:
     def __init__(self, maxlen: int) -> None:
@@ -21,6 +27,7 @@ class _Stream:
         self.last = (0, 0)
         self.max_deleted = (0, 0)
         self.epoch = uuid.uuid4().hex
+        self.used = time.monotonic()
 
     def add(self, tail: bytes) -> str:
         ms = int(time.time() * 1000)
@@ -35,8 +42,11 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, *, history_maxlen: int = 1000, presence_event_limit: int = 100) -> None:
+    def __init__(self, *, history_maxlen: int = 1000, presence_event_limit: int = 100,
+                 room_ttl: float = 0) -> None:
         self._maxlen = history_maxlen
+        self._room_ttl = room_ttl  # seconds; 0: rooms with history are kept
+        self._next_sweep = time.monotonic() + min(room_ttl, SWEEP_EVERY)
         self._event_limit = presence_event_limit
         self._streams: dict[str, _Stream] = {}
         self._rooms: set[str] = set()
@@ -57,8 +67,22 @@ class MemoryBroker(Broker):
     def _stream(self, room: str) -> _Stream:
         stream = self._streams.get(room)
         if stream is None:
+            self._sweep()
             stream = self._streams[room] = _Stream(self._maxlen)
+        stream.used = time.monotonic()
         return stream
+
+    def _sweep(self) -> None:
+        """Drop rooms unused for the TTL that nobody is in; at most once a SWEEP_EVERY,
+        when a room is made, so its cost is spread over the rooms that caused it."""
+        now = time.monotonic()
+        if not self._room_ttl or now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self._room_ttl, SWEEP_EVERY)
+        idle = [room for room, stream in self._streams.items()
+                if room not in self._rooms and now - stream.used >= self._room_ttl]
+        for room in idle:
+            del self._streams[room]
 
     def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
         stream = self._stream(room)
@@ -84,6 +108,9 @@ class MemoryBroker(Broker):
 
     async def unsubscribe_room(self, room: str) -> None:
         self._rooms.discard(room)
+        stream = self._streams.get(room)
+        if stream is not None and not stream.entries and not stream.max_deleted > (0, 0):
+            del self._streams[room]
 
     async def subscribe_user(self, sub: str) -> None:
         self._users.add(sub)
@@ -104,8 +131,12 @@ class MemoryBroker(Broker):
         stream = self._stream(room)
         same_epoch = epoch == stream.epoch
         after = parse_id(since) if same_epoch else (0, 0)
+        from_the_future = after > stream.last  # replayed whole, as after a new epoch
+        if from_the_future:
+            after = (0, 0)
         frames = [frame for key, frame in stream.entries if key > after]
-        return Replay(frames, same_epoch and after >= stream.max_deleted, stream.epoch)
+        complete = same_epoch and not from_the_future and after >= stream.max_deleted
+        return Replay(frames, complete, stream.epoch)
 
     def presence(self, room: str, member: Member, joined: bool) -> None:
         here = self._presence.setdefault(room, set())

@@ -10,6 +10,7 @@ import pytest
 
 from chatserver import protocol
 from chatserver.broker.base import Broker, BrokerUnavailable, Member
+from chatserver.broker.memory import MemoryBroker
 from chatserver.broker.redis import user_shard
 from chatserver.protocol import message_frame, message_id_of, parse_id
 
@@ -145,6 +146,52 @@ async def test_trimmed_history_is_incomplete(make_broker: MakeBroker) -> None:
     assert got == ids[-10:]
     recent = await broker.history("r", ids[-3], epoch)
     assert [message_id_of(f) for f in recent.frames] == ids[-2:] and recent.complete
+
+
+async def test_a_since_past_the_last_message_is_replayed_whole_incomplete(
+        make_broker: MakeBroker) -> None:
+    """A since the room never gave (the future, or a lost stream) gets what is kept, and
+    complete:false; an empty room gives nothing, also incomplete."""
+    broker, _ = await make_broker()
+    epoch = await broker.epoch("r")
+    ids = await publish(broker, "r", 3)
+    replay = await broker.history("r", "99999999999999-0", epoch)
+    assert [message_id_of(f) for f in replay.frames] == ids
+    assert not replay.complete and replay.epoch == epoch
+    empty_epoch = await broker.epoch("empty")
+    empty = await broker.history("empty", "5-0", empty_epoch)
+    assert empty.frames == [] and not empty.complete
+
+
+async def test_room_state_expires_once_unused_for_the_room_ttl(make_broker: MakeBroker) -> None:
+    """Hardening 4: history and epoch of a room nobody uses go after room_ttl; a room in
+    use keeps them (every publish and history read pushes the expiry out)."""
+    broker, _ = await make_broker(room_ttl=2)
+    idle_epoch, used_epoch = await broker.epoch("idle"), await broker.epoch("used")
+    (idle_id,) = await publish(broker, "idle", 1)
+    (used_id,) = await publish(broker, "used", 1)
+    for _ in range(3):  # 3 x 0.9 s: past the TTL of "idle", never idle for "used"
+        await asyncio.sleep(0.9)
+        await broker.history("used", used_id, used_epoch)
+    await broker.epoch("another")  # a room made: when the memory broker sweeps
+    gone = await broker.history("idle", idle_id, idle_epoch)
+    assert gone.frames == [] and not gone.complete and gone.epoch != idle_epoch
+    kept = await broker.history("used", "0-0", used_epoch)
+    assert [message_id_of(f) for f in kept.frames] == [used_id] and kept.complete
+
+
+async def test_an_empty_room_nobody_is_in_leaves_no_state_behind() -> None:
+    """The memory broker keeps no room that has no member and no message."""
+    broker = MemoryBroker()
+    for n in range(100):
+        room = f"r{n}"
+        await broker.subscribe_room(room)
+        await broker.epoch(room)
+        await broker.unsubscribe_room(room)
+    await broker.subscribe_room("kept")
+    await publish(broker, "kept", 1)
+    await broker.unsubscribe_room("kept")
+    assert list(broker._streams) == ["kept"]
 
 
 # --------------------------------------------------------------- presence

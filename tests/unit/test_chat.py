@@ -24,11 +24,13 @@ class Chat:
 
     def __init__(self, *, history: int = 1000, presence_limit: int = 100,
                  max_rooms: int = 50, flood_strikes: int = 3, user_rate: float = 0,
-                 user_burst: int = 1, rules: str = "") -> None:
+                 user_burst: int = 1, rules: str = "", user_rooms_per_hour: int = 0,
+                 rooms_per_hour: int = 0) -> None:
         self.broker = MemoryBroker(history_maxlen=history, presence_event_limit=presence_limit)
         self.hub = Hub(position=self.broker.position)
         limits = Limits(max_rooms=max_rooms, max_text_chars=100, flood_strikes=flood_strikes,
-                        user_rate=user_rate, user_burst=user_burst)
+                        user_rate=user_rate, user_burst=user_burst,
+                        user_rooms_per_hour=user_rooms_per_hour, rooms_per_hour=rooms_per_hour)
         self.memberships = MemoryMemberships()
         gate = Gatekeeper(parse_rules(rules, "CHAT_ROOM_RULES"), self.memberships)
         self.service = ChatService(self.hub, self.broker, limits, gate)
@@ -46,6 +48,10 @@ class Chat:
         await self.service.handle_text(client, json.dumps(frame))
         await settle()
         return sent(client)
+
+
+def joined(frames: list[dict[str, Any]], room: str) -> bool:
+    return any(f["type"] == "joined" and f["room"] == room for f in frames)
 
 
 def recovered(frames: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,6 +221,41 @@ async def test_room_limit_refuses_one_more_join() -> None:
     refused = await chat.send(alice, type="join", room="b", ref="j")
     assert refused[0]["code"] == "forbidden" and refused[0]["room"] == "b"
     assert alice.rooms == {"lobby", "a"} and not chat.kicked
+
+
+async def test_new_rooms_are_capped_per_user_and_for_everyone() -> None:
+    """Hardening 4: past the hourly allowance a join of a room nobody here is in answers
+    rate_limited with the room (connection kept); the lobby and rooms open on the worker
+    cost nothing; the deployment-wide allowance holds across users."""
+    chat = Chat(user_rooms_per_hour=2, rooms_per_hour=3)
+    await chat.broker.start(chat.service)
+    alice, bob = await chat.connect("alice"), await chat.connect("bob")
+    for room in ("a1", "a2"):
+        assert joined(await chat.send(alice, type="join", room=room), room)
+    refused = await chat.send(alice, type="join", room="a3", ref="j")
+    assert (refused[0]["code"], refused[0]["room"], refused[0]["ref"]) == (
+        "rate_limited", "a3", "j")
+    assert joined(await chat.send(bob, type="join", room="a1"), "a1")
+    assert joined(await chat.send(bob, type="join", room="b1"), "b1")
+    everyone = await chat.send(bob, type="join", room="b2")
+    assert everyone[0]["code"] == "rate_limited"
+    assert alice.rooms == {"lobby", "a1", "a2"} and not chat.kicked
+
+
+async def test_a_since_past_the_rooms_last_message_replays_it_whole(chat: Chat) -> None:
+    """Hardening (low): a since the room never gave is no reason to wait for it: the
+    client gets what the room keeps, marked incomplete, then live messages."""
+    alice = await chat.connect("alice")
+    await chat.send(alice, type="join", room="r")
+    await chat.send(alice, type="publish", room="r", message="kept")
+    epoch = await chat.broker.epoch("r")
+    bob = await chat.connect("bob")
+    sent(bob)
+    got = await chat.send(bob, type="join", room="r", since="99999999999999-0", epoch=epoch)
+    assert [f["message"] for f in got if f["type"] == "message"] == ["kept"]
+    assert recovered(got)["complete"] is False
+    await chat.send(alice, type="publish", room="r", message="live")
+    assert [f["message"] for f in sent(bob) if f["type"] == "message"] == ["live"]
 
 
 async def test_flooding_is_refused_then_closed_1008(chat: Chat) -> None:

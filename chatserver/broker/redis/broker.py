@@ -31,12 +31,14 @@ class RedisBroker(Broker):
         instance: str,
         prefix: str = "chat:",
         history_maxlen: int = 1000,
+        room_ttl: int = 0,
         presence_ttl: float = 30.0,
         presence_event_limit: int = 100,
         on_reconnect: Callable[[], None] | None = None,
         on_listener_restart: Callable[[], None] | None = None,
     ) -> None:
         self._maxlen = history_maxlen
+        self._room_ttl = room_ttl  # seconds; 0: room keys never expire
         self._redis = command_client(url)
         self._sub_redis = pubsub_client(url)
         self._keys = Keys(prefix)
@@ -76,7 +78,7 @@ class RedisBroker(Broker):
     def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         keys = [self._keys.stream(room), self._keys.room_channel(room), self._keys.epoch(room)]
-        args = [self._maxlen, tail, uuid.uuid4().hex, MESSAGE_PREFIX]
+        args = [self._maxlen, tail, uuid.uuid4().hex, MESSAGE_PREFIX, self._room_ttl]
         self._outbox.put(Call(self._scripts.publish, keys, args), future, _decode)
         return future
 
@@ -133,8 +135,9 @@ class RedisBroker(Broker):
         if cached is not None:
             return cached
         fresh = uuid.uuid4().hex
+        ttl = self._room_ttl or None
         old = await _call(
-            "epoch", self._redis.set(self._keys.epoch(room), fresh, nx=True, get=True)
+            "epoch", self._redis.set(self._keys.epoch(room), fresh, nx=True, get=True, ex=ttl)
         )
         value = old.decode() if old else fresh
         if room in self._listener.rooms:
@@ -143,11 +146,17 @@ class RedisBroker(Broker):
 
     async def history(self, room: str, since: str, epoch: str | None) -> Replay:
         keys = [self._keys.stream(room), self._keys.epoch(room)]
-        args: list[str | int] = [since, self._maxlen, uuid.uuid4().hex, epoch or ""]
-        current, max_deleted, newest = await _call(
+        args: list[str | int] = [
+            since, self._maxlen, uuid.uuid4().hex, epoch or "", self._room_ttl]
+        current, max_deleted, newest, last = await _call(
             "history", self._scripts.history(keys=keys, args=args)
         )
         current = current.decode()
+        if epoch == current and parse_id(since) > parse_id(last.decode()):
+            # A `since` this stream never gave: replay it whole, and say it is not the
+            # client's history (else the client would wait, deaf, for that id).
+            replay = await self.history(room, "0-0", current)
+            return Replay(replay.frames, False, current)
         frames = [
             message_frame(eid.decode(), dict(_pairs(fields))[b"t"])
             for eid, fields in reversed(newest[: self._maxlen])

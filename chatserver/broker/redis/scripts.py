@@ -12,12 +12,17 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 # KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
-# message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here). The payload
-# published already carries the stream id, so receivers need no second lookup.
+# message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL
+# (0: none). The payload published already carries the stream id, so receivers need no
+# second lookup. Every use pushes the room's expiry out: only rooms nobody uses expire.
 PUBLISH_LUA = """
 redis.call('SET', KEYS[3], ARGV[3], 'NX')
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[4] .. id .. ARGV[2])
+if ARGV[5] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
 return id
 """
 
@@ -26,22 +31,26 @@ return id
 # after `since` (after 0-0 when the epoch changed: the client rebuilds from what is
 # kept), newest first. Newest, since trimming is approximate (MAXLEN ~) and the stream
 # may hold more than maxlen: a replay must end at the room's last message; the extra
-# entry says that some were left out.
+# entry says that some were left out. The last id ever given lets the caller spot a
+# `since` from the future. ARGV[5]: the room TTL, refreshed here too (0: none).
 HISTORY_LUA = """
 redis.call('SET', KEYS[2], ARGV[3], 'NX')
 local epoch = redis.call('GET', KEYS[2])
 local since = ARGV[1]
 if epoch ~= ARGV[4] then since = '0-0' end
-local maxdel = '0-0'
+local maxdel, last = '0-0', '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
   end
+  if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
 local count = tonumber(ARGV[2]) + 1
 local entries = redis.call('XREVRANGE', KEYS[1], '+', '(' .. since, 'COUNT', count)
-return {epoch, maxdel, entries}
+return {epoch, maxdel, entries, last}
 """
 
 # KEYS: presence entries, present users, room channel. The event is published in the

@@ -130,6 +130,11 @@ class Settings:
     cookie_secure: bool = setting(
         "CHAT_COOKIE_SECURE", True, "0 drops `Secure` for plain-http local use (`make run` "
         "does)", group=BROWSER)
+    legacy_cookies: str = setting(
+        "CHAT_LEGACY_COOKIES", "auto", "also read the original design's `authToken` and "
+        "`refreshToken` names: `1`, `0`, or `auto` (only where no sibling host can plant "
+        "them: every allowed origin an IP or localhost)", group=BROWSER,
+        parse=parse_one_of("auto", "1", "0"))
     trusted_proxies: tuple[Network, ...] = setting(
         "CHAT_TRUSTED_PROXIES", (), "IPs/CIDRs whose `X-Forwarded-For` is believed",
         group=BROWSER, parse=parse_networks, shown="none", example="10.213.47.0/24")

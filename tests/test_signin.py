@@ -156,8 +156,9 @@ def jar_cookie(session: aiohttp.ClientSession, server: ServerProcess, name: str)
 
 
 def assert_auth_cookie(answer: Answer, lifetime: int) -> str:
-    """authToken is exactly HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=<lifetime>."""
-    value, attributes = answer.cookies["authToken"]
+    """__Host-authToken is exactly HttpOnly; Secure; SameSite=Strict; Path=/;
+    Max-Age=<lifetime> (what the __Host- prefix needs: Secure, Path=/, no Domain)."""
+    value, attributes = answer.cookies["__Host-authToken"]
     assert set(attributes) == {"httponly", "secure", "samesite", "path", "max-age"}, attributes
     assert attributes["httponly"] is True and attributes["secure"] is True
     assert attributes["samesite"] == "Strict" and attributes["path"] == "/"
@@ -166,17 +167,21 @@ def assert_auth_cookie(answer: Answer, lifetime: int) -> str:
 
 
 def assert_refresh_cookie(answer: Answer) -> str:
-    """The refresh cookie: HttpOnly; Secure; SameSite=Strict; Path=/auth (Max-Age allowed)."""
-    value, attributes = answer.cookies["refreshToken"]
+    """__Secure-refreshToken: HttpOnly; Secure; SameSite=Strict; Path=/auth (Max-Age allowed)."""
+    value, attributes = answer.cookies["__Secure-refreshToken"]
     assert set(attributes) - {"max-age"} == {"httponly", "secure", "samesite", "path"}, attributes
     assert attributes["httponly"] is True and attributes["secure"] is True
     assert attributes["samesite"] == "Strict" and attributes["path"] == "/auth"
     return value
 
 
-def assert_cleared(answer: Answer) -> None:
-    """Both cookies are overwritten empty with Max-Age=0 on their own paths."""
-    for name, path in (("authToken", "/"), ("refreshToken", "/auth")):
+def assert_cleared(answer: Answer, *, secure: bool = False) -> None:
+    """Both cookies are overwritten empty with Max-Age=0 on their own paths, under the
+    original design's names and, with Secure cookies, under the prefixed ones."""
+    names = [("authToken", "/"), ("refreshToken", "/auth")]
+    if secure:
+        names += [("__Host-authToken", "/"), ("__Secure-refreshToken", "/auth")]
+    for name, path in names:
         value, attributes = answer.cookies[name]
         assert value == "" and attributes.get("max-age") == "0", (name, attributes)
         assert attributes.get("path") == path, (name, attributes)
@@ -280,13 +285,13 @@ async def test_login_ws_refresh_logout_on_two_workers(
                                     "REFRESH_TOKEN": latest_refresh_token(fake, CAROL),
                                     "SECRET_HASH": expected_secret_hash(SECRET, CAROL.username, CLIENT_ID)}}
         new_token = assert_auth_cookie(refreshed, CAROL.token_ttl)
-        assert new_token != token and jar_cookie(session, server, "authToken") == new_token
+        assert new_token != token and jar_cookie(session, server, "__Host-authToken") == new_token
         me = await call(session, server, "GET", "/auth/me")
         assert (me.status, me.body) == (200, {"user": user})
 
         out = await call(session, server, "POST", "/auth/logout")
         assert (out.status, out.body) == (200, {"ok": True})
-        assert_cleared(out)
+        assert_cleared(out, secure=True)
         closes = await asyncio.gather(*(server_close(ws) for ws in sockets))
         assert closes == [(1000, "signed out")] * 2
         gone = await call(session, server, "GET", "/auth/me")

@@ -15,9 +15,9 @@ from ..config import Settings
 from ..observability import Metrics
 from ..protocol import INVALID_TOKEN, KEYS_UNAVAILABLE, NOT_SIGNED_IN, Close
 from ..responses import error
+from .cookies import cookie_names
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
-AUTH_COOKIE = "authToken"
 USER = web.RequestKey("chatserver.user", User)
 AUTH_FAILURE = web.RequestKey("chatserver.auth_failure", Close)
 
@@ -53,6 +53,7 @@ class AuthGate:
         self._settings = settings
         self._verifier = verifier
         self._metrics = metrics
+        self._cookie = cookie_names(settings).auth
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -61,7 +62,7 @@ class AuthGate:
                 self._metrics.auth_failures.labels("origin").inc()
                 return error(403, "forbidden", "origin not allowed")
             try:
-                request[USER] = await self._verifier.verify(request.cookies.get(AUTH_COOKIE))
+                request[USER] = await self._verifier.verify(self._cookie.read(request))
             except KeysUnavailable:
                 self._metrics.auth_failures.labels("jwks_unavailable").inc()
                 request[AUTH_FAILURE] = KEYS_UNAVAILABLE

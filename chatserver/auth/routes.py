@@ -24,14 +24,14 @@ from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
+from .cookies import AUTH, REFRESH, cookie_names
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer, parse_dev_groups
-from .gate import AUTH_COOKIE, client_ip
+from .gate import client_ip
 from .throttle import LoginThrottle
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
 log = logging.getLogger(__name__)
 
-REFRESH_COOKIE = "refreshToken"
 MAX_CREDENTIAL_CHARS = 256
 COGNITO_REFRESH_MAX_AGE = 30 * 24 * 3600  # Cognito's default refresh token lifetime
 REVOKE_TIMEOUT = 2.0  # seconds a sign-out waits for Cognito to revoke the refresh token
@@ -60,6 +60,7 @@ class AuthRoutes:
         self.settings = auth.settings
         self._sign_out = sign_out  # closes a user's sockets on every worker and replica
         self._throttle = LoginThrottle(auth.hits, auth.settings.login_rate_per_minute)
+        self._cookies = cookie_names(auth.settings)
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/auth/login", self.login)
@@ -116,7 +117,7 @@ class AuthRoutes:
         response = web.json_response({"user": user.public()})
         self._set_auth_cookie(response, token, user)
         refresh = self.auth.dev.mint_refresh(username, chosen)
-        self._set_cookie(response, REFRESH_COOKIE, refresh, "/auth", REFRESH_TTL)
+        self._set_cookie(response, self._cookies.refresh.name, refresh, "/auth", REFRESH_TTL)
         return response
 
     async def _cognito_login(self, username: str, password: str) -> web.Response:
@@ -158,11 +159,15 @@ class AuthRoutes:
             # user.username is Cognito's own name for the user (the token's username or
             # cognito:username), which the refresh SECRET_HASH needs; not what was typed.
             packed = base64.urlsafe_b64encode(user.username.encode()).decode() + "." + refresh_token
-            self._set_cookie(response, REFRESH_COOKIE, packed, "/auth", COGNITO_REFRESH_MAX_AGE)
+            self._set_cookie(response, self._cookies.refresh.name, packed, "/auth",
+                             COGNITO_REFRESH_MAX_AGE)
         return response
 
     async def refresh(self, request: web.Request) -> web.Response:
-        value = request.cookies.get(REFRESH_COOKIE)
+        try:
+            value = self._cookies.refresh.read(request)
+        except TokenError as exc:
+            return self._signed_out(error(401, "unauthenticated", str(exc)))
         if not value:
             return error(401, "unauthenticated", "no refresh token")
         if self.auth.dev is not None:
@@ -202,7 +207,7 @@ class AuthRoutes:
 
     async def me(self, request: web.Request) -> web.Response:
         try:
-            user = await self.auth.verifier.verify(request.cookies.get(AUTH_COOKIE))
+            user = await self.auth.verifier.verify(self._cookies.auth.read(request))
         except KeysUnavailable:
             return error(503, "unavailable", "auth keys unavailable")
         except TokenError as exc:
@@ -211,12 +216,15 @@ class AuthRoutes:
 
     async def logout(self, request: web.Request) -> web.Response:
         try:
-            user = await self.auth.verifier.verify(request.cookies.get(AUTH_COOKIE))
+            user = await self.auth.verifier.verify(self._cookies.auth.read(request))
         except TokenError:
             user = None
         if user is not None:
             await self._sign_out(user.sub)  # retried in the background while Redis is down
-        refresh = request.cookies.get(REFRESH_COOKIE, "").partition(".")[2]
+        try:
+            refresh = (self._cookies.refresh.read(request) or "").partition(".")[2]
+        except TokenError:
+            refresh = ""  # ambiguous: revoke neither; both are cleared below
         if self.auth.cognito is not None and _plausible_refresh_token(refresh):
             wait = await self._throttle.wait_before_call(client_ip(request, self.settings))
             if wait:  # the sockets are closed; only the Cognito call waits for a retry
@@ -246,10 +254,12 @@ class AuthRoutes:
         # Max-Age is the token's lifetime: after it the browser sends no cookie and the
         # client's "/auth/me says 401" path refreshes before it gives up.
         lifetime = max(0, round(user.exp - time.time()))
-        self._set_cookie(response, AUTH_COOKIE, token, "/", max_age=lifetime)
+        self._set_cookie(response, self._cookies.auth.name, token, "/", max_age=lifetime)
 
     def _signed_out(self, response: web.Response) -> web.Response:
-        for name, path in ((AUTH_COOKIE, "/"), (REFRESH_COOKIE, "/auth")):
+        names = {self._cookies.auth.name: "/", AUTH: "/",
+                 self._cookies.refresh.name: "/auth", REFRESH: "/auth"}
+        for name, path in names.items():  # the original design's names too, if set before
             self._set_cookie(response, name, "", path, max_age=0)
         return response
 

@@ -13,7 +13,7 @@ import aiohttp
 from ..auth.dev import DevIssuer
 from .plan import Plan, RunError, Target
 
-AUTH_COOKIE = "authToken"
+AUTH_COOKIES = ("__Host-authToken", "authToken")  # Secure or not: see auth/cookies.py
 LOGIN_RATE_ADVICE = (
     "the dev sign-in allows CHAT_LOGIN_RATE sign-ins a minute per IP and per username "
     "(default 10); start the server with CHAT_LOGIN_RATE=<more than --clients>, or pass "
@@ -57,7 +57,8 @@ async def dev_login(session: aiohttp.ClientSession, target: Target, username: st
     async with session.post(target.login, json={"username": username, "password": password},
                             headers={"Origin": target.origin}) as response:
         if response.status == 200:
-            cookie = response.cookies.get(AUTH_COOKIE)
+            cookie = next((response.cookies[n] for n in AUTH_COOKIES if n in response.cookies),
+                          None)
             if cookie is None or not cookie.value:
                 raise SignInError(f"POST {target.login} answered 200 without an authToken cookie")
             return cookie.value
@@ -75,7 +76,7 @@ async def dev_login(session: aiohttp.ClientSession, target: Target, username: st
 
 async def check_token(session: aiohttp.ClientSession, target: Target, token: str) -> None:
     """Ask GET /auth/me whether the server accepts a minted token (one request per URL)."""
-    async with session.get(target.me, headers={"Cookie": f"{AUTH_COOKIE}={token}"}) as response:
+    async with session.get(target.me, headers={"Cookie": f"{target.cookie}={token}"}) as response:
         if response.status == 200:
             return
         body = (await response.text())[:200]

@@ -86,7 +86,7 @@ class Client:
     async def connect(self, session: aiohttp.ClientSession, timeout: float) -> None:
         """Open the socket and wait for the lobby's `joined`; raise ConnectFailed."""
         started = time.monotonic_ns()
-        headers = {"Origin": self.target.origin, "Cookie": f"authToken={self.token}"}
+        headers = {"Origin": self.target.origin, "Cookie": f"{self.target.cookie}={self.token}"}
         try:
             async with asyncio.timeout(timeout):
                 self.ws = await session.ws_connect(

@@ -38,6 +38,13 @@ class Target:
     def me(self) -> str:
         return self.base + "/auth/me"
 
+    @property
+    def cookie(self) -> str:
+        """The name the server reads the token from: behind https its cookies are Secure,
+        hence __Host- prefixed; on plain http (local, or a benchmark on an IP origin) the
+        original design's name is read."""
+        return "__Host-authToken" if self.base.startswith("https:") else "authToken"
+
 
 def parse_target(url: str, origin: str | None = None) -> Target:
     """Accept http(s)://host[:port][/prefix] or its ws(s):// form, with or without /ws."""

@@ -933,11 +933,11 @@ async def test_tls_at_nginx_and_metrics_only_on_the_replicas(
             async with secure.post(f"{https}/auth/login", headers={"Origin": https},
                                    json={"username": "tls-user", "password": "pw"}) as resp:
                 assert resp.status == 200, await resp.text()
-                cookie = resp.cookies["authToken"]
+                cookie = resp.cookies["__Host-authToken"]  # Secure: prefixed
                 assert cookie["secure"] and cookie["httponly"]
             async with secure.ws_connect(
                 f"wss://127.0.0.1:{tls_port}/ws", heartbeat=None,
-                headers={"Origin": https, "Cookie": f"authToken={cookie.value}"},
+                headers={"Origin": https, "Cookie": f"__Host-authToken={cookie.value}"},
             ) as ws:
                 welcome = await ws.receive_json()
                 assert welcome["type"] == "welcome", welcome

@@ -352,3 +352,56 @@ async def test_publish_api_key_scope_and_closed_rooms(make_client: MakeClient) -
     key = {"Authorization": f"Bearer {API_KEY}"}
     assert (await client.post("/api/rooms/news/messages", json=body, headers=key)).status == 200
     assert (await client.post("/api/rooms/other/messages", json=body, headers=key)).status == 403
+
+
+async def test_secure_cookies_are_host_prefixed_and_a_planted_one_cannot_sign_in(
+        make_client: MakeClient) -> None:
+    """Hardening (low): with Secure cookies on a real domain the names are __Host- and
+    __Secure- (no sibling subdomain can set those); the original design's authToken, which
+    a sibling could plant, is not read there, and a cookie sent twice is refused."""
+    site = "https://chat.example.com"
+    client = await make_client(CHAT_COOKIE_SECURE="1", CHAT_ALLOWED_ORIGINS=site)
+    signed = await client.post("/auth/login", json={"username": "alice"},
+                               headers={"Origin": site})
+    assert signed.status == 200
+    assert {"__Host-authToken", "__Secure-refreshToken"} <= set(signed.cookies)
+    assert "authToken" not in signed.cookies
+    token = signed.cookies["__Host-authToken"].value
+    client.session.cookie_jar.clear()
+
+    async def me(cookie: str) -> tuple[int, str]:
+        answer = await client.get("/auth/me", headers={"Cookie": cookie})
+        return answer.status, (await answer.json()).get("detail", "")
+
+    assert (await me(f"__Host-authToken={token}"))[0] == 200
+    assert (await me(f"authToken={token}"))[0] == 401  # a sibling host's cookie: ignored
+    assert (await me(f"authToken=planted; __Host-authToken={token}"))[0] == 200
+    assert await me(f"__Host-authToken={token}; __Host-authToken={token}") == (
+        401, "duplicate_cookie")
+    with pytest.raises(aiohttp.WSServerHandshakeError):  # a foreign origin, as a check
+        await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    ws = await client.ws_connect("/ws", headers={
+        "Origin": site, "Cookie": f"__Host-authToken={token}; __Host-authToken=x"})
+    msg = await ws.receive()
+    assert (ws.close_code, msg.extra) == (1008, "invalid token: duplicate_cookie")
+
+
+@pytest.mark.parametrize(("env", "legacy"), [
+    ({"CHAT_ALLOWED_ORIGINS": "http://127.0.0.1:3020"}, True),  # auto: an IP has no siblings
+    ({"CHAT_ALLOWED_ORIGINS": "https://chat.example.com", "CHAT_LEGACY_COOKIES": "1"}, True),
+    ({"CHAT_ALLOWED_ORIGINS": "http://127.0.0.1:3020", "CHAT_LEGACY_COOKIES": "0"}, False),
+])
+async def test_the_original_cookie_name_is_read_only_where_it_is_safe_or_asked_for(
+        make_client: MakeClient, env: dict[str, str], legacy: bool) -> None:
+    """CHAT_LEGACY_COOKIES=auto reads authToken when every origin is an IP or localhost
+    (a benchmark, a laptop); 1 always; 0 never. Both names at once are refused."""
+    client = await make_client(CHAT_COOKIE_SECURE="1", **env)
+    origin = env["CHAT_ALLOWED_ORIGINS"]
+    signed = await client.post("/auth/login", json={"username": "bob"}, headers={"Origin": origin})
+    token = signed.cookies["__Host-authToken"].value
+    client.session.cookie_jar.clear()
+    plain = await client.get("/auth/me", headers={"Cookie": f"authToken={token}"})
+    assert plain.status == (200 if legacy else 401)
+    both = await client.get("/auth/me", headers={
+        "Cookie": f"authToken={token}; __Host-authToken={token}"})
+    assert both.status == (401 if legacy else 200)

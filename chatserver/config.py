@@ -1,24 +1,24 @@
 """Settings: every setting declared once (variable, type, default, bounds, meaning) as a
 field of one frozen dataclass, read from the environment, a `.env` file and CLI flags.
 
-Validation happens here, once, at start-up: a bad value raises `ConfigError` naming the
-variable, and the CLI turns that into one line and exit status 2. The README's table
+Validation happens here (each value) and in config_checks.py (values together), once,
+at start-up: a bad value raises `ConfigError` naming the variable, and the CLI turns
+that into one line and exit status 2. The README's table
 and `.env.example` are generated from the same fields (chatserver/settings_docs.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
+from .config_checks import STATIC_DIR, checked
+from .config_checks import warnings as warnings
 from .config_parsers import (
-    POOL_ID,
     ApiKey,
     Network,
     parse_api_keys,
@@ -35,10 +35,8 @@ from .config_parsers import (
 from .config_parsers import (
     ConfigError as ConfigError,
 )
-from .permissions import load_rules
 
 DEFAULT_PORT = 3020
-STATIC_DIR = str(Path(__file__).resolve().parent.parent / "static")
 T = TypeVar("T")
 
 
@@ -158,7 +156,8 @@ class Settings:
         "CHAT_LOGIN_RATE", 10, "sign-in attempts per minute per client IP and per username",
         group=BROWSER, low=1, high=1_000_000)
     dev_auth_explicit: bool = setting(
-        "CHAT_DEV_AUTH", False, "1 allows the dev sign-in on a non-loopback address",
+        "CHAT_DEV_AUTH", False, "1 allows the dev sign-in beyond this host: a non-loopback "
+        "bind, a non-local allowed origin, or through a proxy (forwarding headers)",
         group=DEV)
     dev_password: str | None = setting(
         "CHAT_DEV_PASSWORD", None, "the dev sign-in's password, if any", group=DEV,
@@ -283,66 +282,4 @@ def load_settings(
     cli_url = cli.pop("redis_url", None)
     if cli_url:  # checked here, so the error names the flag, not REDIS_URL
         values["redis_url"] = parse_redis_url(str(cli_url), "--redis-url")
-    return _checked(Settings(**values).with_overrides(**cli))
-
-
-def _checked(settings: Settings) -> Settings:
-    if settings.workers < 1 or settings.workers > 256:
-        raise ConfigError(f"--workers {settings.workers}: must be between 1 and 256")
-    if settings.workers > 1 and not settings.redis_url:
-        raise ConfigError(
-            f"--workers {settings.workers} needs REDIS_URL (or --redis-url): "
-            "workers share broadcasts through Redis"
-        )
-    if not settings.dev_auth and not settings.cognito_client_id:
-        raise ConfigError("AWS_COGNITO_CLIENT_ID is required when AWS_COGNITO_USER_POOL_ID is set")
-    if settings.cognito_pool_id:
-        pool = POOL_ID.fullmatch(settings.cognito_pool_id)
-        if pool is None or pool.group(1) != settings.aws_region:
-            raise ConfigError(
-                f"AWS_COGNITO_USER_POOL_ID={settings.cognito_pool_id!r}: expected "
-                f"{settings.aws_region}_<id> (a pool id starts with its AWS_REGION)"
-            )
-    index = Path(settings.static_dir) / "index.html"
-    if settings.static_dir != STATIC_DIR and not index.is_file():
-        raise ConfigError(
-            f"CHAT_STATIC_DIR={settings.static_dir!r}: no index.html there; it must hold the "
-            "browser client (everything in it is served)"
-        )
-    load_rules(settings.room_rules, settings.room_rules_file)  # a bad rule stops start-up
-    if settings.dev_auth and not _is_loopback(settings.host) and not settings.dev_auth_explicit:
-        raise ConfigError(
-            f"--host {settings.host}: the dev sign-in lets anyone sign in; set "
-            "AWS_COGNITO_USER_POOL_ID, or CHAT_DEV_AUTH=1 to allow it on a non-loopback address"
-        )
-    if not settings.allowed_origins:
-        settings = settings.with_overrides(
-            allowed_origins=(
-                f"http://127.0.0.1:{settings.port}",
-                f"http://localhost:{settings.port}",
-            )
-        )
-    return settings
-
-
-def warnings(settings: Settings) -> list[str]:
-    """Settings that start but will not work as meant; the CLI logs each once."""
-    found = []
-    plain = [o for o in settings.allowed_origins
-             if o.startswith("http://") and urlparse(o).hostname not in ("localhost", "127.0.0.1")]
-    if settings.cookie_secure and plain:
-        found.append(
-            f"CHAT_COOKIE_SECURE=1 with plain-http origins {', '.join(plain)}: browsers drop "
-            "Secure cookies on http (except localhost), so sign-in will not stick there; "
-            "serve https or set CHAT_COOKIE_SECURE=0 for local use"
-        )
-    return found
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return checked(Settings(**values).with_overrides(**cli))

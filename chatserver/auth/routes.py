@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..config import Settings
+from ..config_checks import is_loopback
 from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
@@ -87,6 +88,9 @@ class AuthRoutes:
             self.auth.metrics.auth_failures.labels("login_rate").inc()
             return _too_many("too many sign-in attempts; try again shortly", wait)
         if self.auth.dev is not None:
+            if not self.settings.dev_auth_explicit and not _direct_and_local(request):
+                return error(403, "forbidden", "the dev sign-in answers direct local requests "
+                             "only (CHAT_DEV_AUTH=1 allows it through a proxy)")
             response = await self._dev_login(username, password, body.get("groups"))
         elif "groups" in body:
             return error(400, "bad_request", "groups come from Cognito, not from the sign-in")
@@ -271,6 +275,17 @@ MAX_REFRESH_CHARS = 8192
 
 def _plausible_refresh_token(token: str) -> bool:
     return 20 <= len(token) <= MAX_REFRESH_CHARS and REFRESH_TOKEN.fullmatch(token) is not None
+
+
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host")
+
+
+def _direct_and_local(request: web.Request) -> bool:
+    """From this host and not relayed: a proxy on the same host connects from 127.0.0.1
+    too, but says so in a forwarding header (nginx, Caddy, Traefik, ALB all add one)."""
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        return False
+    return is_loopback(request.remote or "")
 
 
 def _too_many(detail: str, wait: float) -> web.Response:

@@ -397,6 +397,7 @@ async def topology(tmp_path: Path, redis_url: str, *, replicas: int, env: dict[s
         "CHAT_REDIS_PREFIX": prefix,
         "CHAT_ALLOWED_ORIGINS": base,
         "CHAT_COOKIE_SECURE": "0",  # plain http, as in compose
+        "CHAT_DEV_AUTH": "1",  # the dev sign-in through nginx, as in compose
         "CHAT_TRUSTED_PROXIES": "127.0.0.1",  # nginx's address (compose: its static IP)
         "CHAT_GRACE": str(GRACE),
         **env,

@@ -360,7 +360,7 @@ async def test_secure_cookies_are_host_prefixed_and_a_planted_one_cannot_sign_in
     __Secure- (no sibling subdomain can set those); the original design's authToken, which
     a sibling could plant, is not read there, and a cookie sent twice is refused."""
     site = "https://chat.example.com"
-    client = await make_client(CHAT_COOKIE_SECURE="1", CHAT_ALLOWED_ORIGINS=site)
+    client = await make_client(CHAT_COOKIE_SECURE="1", CHAT_ALLOWED_ORIGINS=site, CHAT_DEV_AUTH="1")
     signed = await client.post("/auth/login", json={"username": "alice"},
                                headers={"Origin": site})
     assert signed.status == 200
@@ -388,7 +388,8 @@ async def test_secure_cookies_are_host_prefixed_and_a_planted_one_cannot_sign_in
 
 @pytest.mark.parametrize(("env", "legacy"), [
     ({"CHAT_ALLOWED_ORIGINS": "http://127.0.0.1:3020"}, True),  # auto: an IP has no siblings
-    ({"CHAT_ALLOWED_ORIGINS": "https://chat.example.com", "CHAT_LEGACY_COOKIES": "1"}, True),
+    ({"CHAT_ALLOWED_ORIGINS": "https://chat.example.com", "CHAT_LEGACY_COOKIES": "1",
+      "CHAT_DEV_AUTH": "1"}, True),
     ({"CHAT_ALLOWED_ORIGINS": "http://127.0.0.1:3020", "CHAT_LEGACY_COOKIES": "0"}, False),
 ])
 async def test_the_original_cookie_name_is_read_only_where_it_is_safe_or_asked_for(
@@ -405,3 +406,19 @@ async def test_the_original_cookie_name_is_read_only_where_it_is_safe_or_asked_f
     both = await client.get("/auth/me", headers={
         "Cookie": f"authToken={token}; __Host-authToken={token}"})
     assert both.status == (401 if legacy else 200)
+
+
+async def test_the_dev_sign_in_refuses_what_came_through_a_proxy(make_client: MakeClient) -> None:
+    """Hardening (low): a proxy on the same host connects from 127.0.0.1 but adds a
+    forwarding header; without CHAT_DEV_AUTH=1 such a sign-in is 403, a direct one 200."""
+    client = await make_client()
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host"):
+        relayed = await client.post("/auth/login", json={"username": "alice"},
+                                    headers={"Origin": ORIGIN, header: "203.0.113.7"})
+        assert relayed.status == 403 and "CHAT_DEV_AUTH" in (await relayed.json())["detail"]
+        assert "authToken" not in relayed.cookies
+    assert (await login(client)).status == 200
+    allowed = await make_client(CHAT_DEV_AUTH="1")
+    through = await allowed.post("/auth/login", json={"username": "alice"},
+                                 headers={"Origin": ORIGIN, "X-Forwarded-For": "203.0.113.7"})
+    assert through.status == 200

@@ -97,7 +97,7 @@ def test_values_are_parsed_to_their_types() -> None:
     settings = load_settings(
         {"CHAT_COMPRESS": "yes", "CHAT_RATE": "2.5", "CHAT_MAX_ROOMS": "7",
          "CHAT_TRUSTED_PROXIES": "10.0.0.1, 10.1.0.0/16", "CHAT_LOG_LEVEL": "debug",
-         "CHAT_ALLOWED_ORIGINS": "https://a.example/, https://b.example"},
+         "CHAT_ALLOWED_ORIGINS": "https://a.example/, https://b.example", "CHAT_DEV_AUTH": "1"},
         env_file=None,
     )
     assert settings.compress is True and settings.rate_per_second == 2.5
@@ -166,7 +166,8 @@ def test_env_example_loads_as_the_defaults(tmp_path: Path) -> None:
              if line.startswith("# ") and "=" in line.split()[1]]
     dotenv = tmp_path / ".env"
     dotenv.write_text("\n".join(lines) + "\n")
-    loaded = load_settings({"AWS_COGNITO_USER_POOL_ID": ""}, env_file=dotenv)  # an example
+    loaded = load_settings({"AWS_COGNITO_USER_POOL_ID": "", "CHAT_DEV_AUTH": "1"},  # examples
+                           env_file=dotenv)
     defaults = load_settings({}, env_file=None)
     for field in ("port", "rate_per_second", "heartbeat", "max_rooms", "token_use"):
         assert getattr(loaded, field) == getattr(defaults, field)
@@ -176,6 +177,7 @@ def test_env_example_loads_as_the_defaults(tmp_path: Path) -> None:
     ("env", "fragment"),
     [
         ({"AWS_REGION": "evil.example.com/x"}, "AWS_REGION"),
+        ({"CHAT_ALLOWED_ORIGINS": "https://chat.example.com"}, "CHAT_DEV_AUTH=1"),
         ({"AWS_REGION": "us-east-1.attacker.net"}, "AWS_REGION"),
         ({"AWS_COGNITO_USER_POOL_ID": "eu-west-1_abc", "AWS_COGNITO_CLIENT_ID": "c"},
          "AWS_COGNITO_USER_POOL_ID"),  # another region's pool
@@ -206,8 +208,10 @@ def test_a_pool_of_the_configured_region_is_accepted() -> None:
 
 def test_secure_cookies_on_a_plain_http_origin_are_warned_about() -> None:
     """Secure cookies with a plain-http, non-localhost origin start, with a warning."""
-    risky = load_settings({"CHAT_ALLOWED_ORIGINS": "http://chat.example.com"}, env_file=None)
+    risky = load_settings({"CHAT_ALLOWED_ORIGINS": "http://chat.example.com",
+                           "CHAT_DEV_AUTH": "1"}, env_file=None)
     assert any("CHAT_COOKIE_SECURE" in w for w in config_warnings(risky))
     assert config_warnings(load_settings({}, env_file=None)) == []
-    local = {"CHAT_ALLOWED_ORIGINS": "http://chat.example.com", "CHAT_COOKIE_SECURE": "0"}
+    local = {"CHAT_ALLOWED_ORIGINS": "http://chat.example.com", "CHAT_COOKIE_SECURE": "0",
+             "CHAT_DEV_AUTH": "1"}
     assert config_warnings(load_settings(local, env_file=None)) == []

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from .admission import Admission
 from .api import ApiRoutes
 from .auth.cognito import CognitoClient, fetch_json
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
@@ -77,8 +78,10 @@ async def create_app(
         else MemoryMemberships())
     gate = Gatekeeper(load_rules(settings.room_rules, settings.room_rules_file), memberships)
     chat = ChatService(hub, broker, limits, gate, auth.hits)
-    endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance)
-    auth_gate = AuthGate(settings, auth.verifier, metrics)
+    admission = Admission(settings.max_handshakes, metrics.handshakes_shed.inc)
+    endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance,
+                          admission=admission)
+    auth_gate = AuthGate(settings, auth.verifier, metrics, admission)
 
     app = web.Application(middlewares=[auth_gate.middleware],
                           client_max_size=settings.max_message_bytes)

@@ -205,6 +205,10 @@ class Settings:
     max_connections_per_user: int = setting(
         "CHAT_MAX_CONNECTIONS_PER_USER", 20, "open WebSockets per user on a worker",
         group=LIMITS, low=1, high=100000)
+    max_handshakes: int = setting(
+        "CHAT_MAX_HANDSHAKES", 256, "WebSocket handshakes in flight per worker; past it an "
+        "upgrade is answered 503 + Retry-After at once (shed, not queued into timeouts)",
+        group=LIMITS, low=1, high=1_000_000)
     head_timeout: float = setting(
         "CHAT_HEAD_TIMEOUT", 10.0, "seconds a new connection has to send its request head",
         group=LIMITS, low=0.5, high=600)

@@ -81,6 +81,11 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.handshakes_shed = Counter(
+            "chatserver_handshakes_shed",
+            "Upgrades answered 503 at once because CHAT_MAX_HANDSHAKES were in flight",
+            registry=reg,
+        )
         if self.multiprocess:
             multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
 

@@ -17,6 +17,7 @@ import time
 from aiohttp import WSMsgType, web
 
 from . import protocol
+from .admission import Admission
 from .auth.gate import AUTH_FAILURE, USER
 from .auth.tokens import User
 from .broker.base import BrokerUnavailable
@@ -92,9 +93,11 @@ class WsEndpoint:
     frame on an idle socket's stack is memory, times every connection."""
 
     def __init__(
-        self, *, settings: Settings, chat: ChatService, metrics: Metrics, instance: str
+        self, *, settings: Settings, chat: ChatService, metrics: Metrics, instance: str,
+        admission: Admission,
     ) -> None:
         self.settings = settings
+        self.admission = admission  # entered by the auth middleware; left once greeted
         self.chat = chat
         self.metrics = metrics
         self.instance = instance
@@ -118,17 +121,16 @@ class WsEndpoint:
         )
         await ws.prepare(request)
         user = request.get(USER)
-        if user is None:
-            close = request.get(AUTH_FAILURE, NOT_SIGNED_IN)
-            self.tally.refused += 1
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("refused upgrade from %s: %s", request.remote, close.reason)
-            await ws.close(code=close.code, message=close.reason.encode())
-            return ws
-        refusal = self._refusal(user)
+        refusal = request.get(AUTH_FAILURE, NOT_SIGNED_IN) if user is None else self._refusal(user)
         if refusal is not None:
+            self.admission.leave(request)  # a refusal is a finished handshake
+            if user is None:
+                self.tally.refused += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("refused upgrade from %s: %s", request.remote, refusal.reason)
             await ws.close(code=refusal.code, message=refusal.reason.encode())
             return ws
+        assert user is not None
         transport = request.transport
         assert transport is not None
         conn = Connection(
@@ -165,8 +167,10 @@ class WsEndpoint:
         try:
             await self.chat.connect(conn, self.instance, since, epoch)
         except BrokerUnavailable:
+            self.admission.leave(request)
             await conn.ws.close(code=BROKER_DOWN.code, message=BROKER_DOWN.reason.encode())
             return
+        self.admission.leave(request)
         if bad_resume:
             detail = "since must be a message id; joined without resume"
             conn.send(protocol.error(BAD_REQUEST, detail))

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support import ServerProcess, close_frame, of_type, open_ws, receive_until, sign_in
+from chatserver.auth.dev import DevIssuer
+from tests.support import (
+    RedisServer,
+    ServerProcess,
+    close_frame,
+    cookie_session,
+    of_type,
+    open_ws,
+    receive_until,
+    sign_in,
+)
 
 
 @pytest.fixture
@@ -105,3 +116,54 @@ async def test_join_rules(server: ServerProcess) -> None:
         await ws.send_json({"type": "publish", "room": "elsewhere", "message": "x", "ref": "p"})
         error = await receive_until(ws, of_type("error"))
         assert error["code"] == "forbidden" and error["ref"] == "p"
+
+
+async def test_a_connect_costs_one_shard_subscribe_and_one_batched_presence_call_at_most(
+        make_server: Callable[..., ServerProcess], redis_server: RedisServer, redis_url: str,
+        dev_key_file: Path, dev_issuer: DevIssuer) -> None:
+    """Issue 14's structural guard: with the lobby open on the worker, a new user's connect
+    sends Redis at most a SUBSCRIBE of their user shard (the one round trip before the
+    welcome) and one presence script call (batched per loop pass, not awaited); a second
+    socket of a connected user sends nothing at all."""
+    server = make_server(redis_url=redis_url, env={"CHAT_DEV_KEY_FILE": str(dev_key_file)})
+    first = cookie_session(dev_issuer.mint("warm-up"))
+    async with first:
+        ws = await open_ws(first, server)
+        await receive_until(ws, of_type("joined", room="lobby"))
+        await receive_until(ws, of_type("presence"))  # its own presence call is done
+        redis_server.command("CONFIG", "RESETSTAT")
+        sessions = [cookie_session(dev_issuer.mint(f"user-{n}")) for n in range(30)]
+        sockets = []  # held: a dropped socket would close, and its user leave
+        try:
+            for session in sessions:
+                sockets.append(await open_ws(session, server))
+                await receive_until(sockets[-1], of_type("joined", room="lobby"))
+            new_users = command_calls(redis_server)
+            redis_server.command("CONFIG", "RESETSTAT")
+            for session in sessions:  # second tabs
+                sockets.append(await open_ws(session, server))
+                await receive_until(sockets[-1], of_type("joined", room="lobby"))
+            second_tabs = command_calls(redis_server)
+        finally:
+            for session in sessions:
+                await session.close()
+    top_level = {name: n for name, n in new_users.items() if name not in PRESENCE_JOIN_CALLS}
+    assert top_level.keys() <= {"subscribe", "evalsha"}, new_users
+    assert top_level.get("subscribe", 0) <= 30 and top_level.get("evalsha", 0) <= 30, new_users
+    assert second_tabs == {}, second_tabs
+
+
+# What the presence join script runs inside Redis (commandstats counts those too).
+PRESENCE_JOIN_CALLS = {"zadd", "hincrby", "hlen", "expire", "publish"}
+
+
+def command_calls(redis: RedisServer) -> dict[str, int]:
+    """Commands Redis ran since CONFIG RESETSTAT, by name, without the test's own and the
+    connections' keepalive pings."""
+    text = redis.command("INFO", "commandstats").decode()
+    calls = {}
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line[len("cmdstat_"):].partition(":")
+            calls[name] = int(stats.split(",")[0].split("=")[1])
+    return {k: v for k, v in calls.items() if k not in ("info", "config|resetstat", "ping")}

@@ -11,6 +11,7 @@ import ipaddress
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..admission import Admission
 from ..config import Settings
 from ..observability import Metrics
 from ..protocol import INVALID_TOKEN, KEYS_UNAVAILABLE, NOT_SIGNED_IN, Close
@@ -49,10 +50,12 @@ def _trusted(address: str, settings: Settings) -> bool:
 class AuthGate:
     """The middleware, a bound method (no closure frame per request or per socket)."""
 
-    def __init__(self, settings: Settings, verifier: TokenVerifier, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, verifier: TokenVerifier, metrics: Metrics,
+                 admission: Admission) -> None:
         self._settings = settings
         self._verifier = verifier
         self._metrics = metrics
+        self._admission = admission
         self._cookie = cookie_names(settings).auth
 
     @web.middleware
@@ -61,21 +64,31 @@ class AuthGate:
             if not origin_allowed(request, self._settings):
                 self._metrics.auth_failures.labels("origin").inc()
                 return error(403, "forbidden", "origin not allowed")
+            shed = self._admission.enter(request)
+            if shed is not None:
+                return shed
             try:
-                request[USER] = await self._verifier.verify(self._cookie.read(request))
-            except KeysUnavailable:
-                self._metrics.auth_failures.labels("jwks_unavailable").inc()
-                request[AUTH_FAILURE] = KEYS_UNAVAILABLE
-            except TokenError as exc:
-                self._metrics.auth_failures.labels(exc.reason).inc()
-                request[AUTH_FAILURE] = _refusal(exc)
-        elif request.method == "POST" and request.path.startswith("/auth/"):
+                await self._authenticate(request)
+                return await handler(request)
+            finally:
+                self._admission.leave(request)  # if the handler has not already
+        if request.method == "POST" and request.path.startswith("/auth/"):
             # CSRF: a cookie-authenticated POST must come from our page, as JSON.
             if not origin_allowed(request, self._settings):
                 return error(403, "forbidden", "origin not allowed")
             if request.content_type != "application/json":
                 return error(403, "forbidden", "Content-Type must be application/json")
         return await handler(request)
+
+    async def _authenticate(self, request: web.Request) -> None:
+        try:
+            request[USER] = await self._verifier.verify(self._cookie.read(request))
+        except KeysUnavailable:
+            self._metrics.auth_failures.labels("jwks_unavailable").inc()
+            request[AUTH_FAILURE] = KEYS_UNAVAILABLE
+        except TokenError as exc:
+            self._metrics.auth_failures.labels(exc.reason).inc()
+            request[AUTH_FAILURE] = _refusal(exc)
 
 
 def _refusal(exc: TokenError) -> Close:

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from chatserver.app import ENDPOINT, create_app
+from chatserver.broker.memory import MemoryBroker
 from chatserver.config import load_settings
 from tests.cognito_keys import SigningKey
 
@@ -422,3 +423,41 @@ async def test_the_dev_sign_in_refuses_what_came_through_a_proxy(make_client: Ma
     through = await allowed.post("/auth/login", json={"username": "alice"},
                                  headers={"Origin": ORIGIN, "X-Forwarded-For": "203.0.113.7"})
     assert through.status == 200
+
+
+class GatedBroker(MemoryBroker):
+    """A memory broker whose user subscription waits for the test: a handshake stuck
+    after its upgrade, as when Redis is slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def subscribe_user(self, sub: str) -> None:
+        await self.gate.wait()
+        await super().subscribe_user(sub)
+
+
+async def test_handshakes_past_the_limit_are_shed_at_once_with_retry_after(
+        aiohttp_client: Any) -> None:
+    """Issue 14: with CHAT_MAX_HANDSHAKES in flight, one more upgrade is answered 503 and
+    Retry-After before any token check; once the stuck ones are greeted, upgrades pass."""
+    broker = GatedBroker()
+    settings = load_settings({"CHAT_COOKIE_SECURE": "0", "CHAT_MAX_HANDSHAKES": "2"},
+                             env_file=None)
+    client: Client = await aiohttp_client(await create_app(settings, broker=broker))
+    stuck = []
+    for name in ("alice", "bob"):  # a user's first socket subscribes the user: stuck
+        await login(client, name)
+        stuck.append(await client.ws_connect("/ws", headers={"Origin": ORIGIN}))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as shed:
+        await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert shed.value.status == 503 and shed.value.headers["Retry-After"] == "1"
+    metrics = await (await client.get("/metrics")).text()
+    assert "chatserver_handshakes_shed_total 1.0" in metrics
+    broker.gate.set()
+    for ws in stuck:
+        assert (await ws.receive_json())["type"] == "welcome"
+    more = [await client.ws_connect("/ws", headers={"Origin": ORIGIN}) for _ in range(3)]
+    for ws in [*stuck, *more]:
+        await ws.close()

@@ -91,6 +91,7 @@ async def create_app(
         await broker.start(chat)
         await auth.verifier.prefetch()
         tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
+                 asyncio.create_task(endpoint.keep_alive(), name="heartbeat"),
                  asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
         try:
             yield

@@ -56,9 +56,11 @@ class Connection:
         "bucket",
         "close",
         "closed",
+        "heard",
         "id",
         "member",
         "on_kick",
+        "pinged",
         "reader",
         "readonly",
         "rooms",
@@ -91,6 +93,10 @@ class Connection:
         # Shared by all of the user's connections on this worker (ChatService.connect).
         self.user_bucket = UNLIMITED
         self.strikes = 0
+        # Liveness for the worker's heartbeat sweep (WsEndpoint.keep_alive): a frame
+        # heard since the last ping, and whether a ping is out.
+        self.heard = True
+        self.pinged = False
         self.closed = False
         self.close: Close | None = None  # why the server closes it, once kicked
         self.on_kick = on_kick

@@ -41,6 +41,8 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 CLOSE_HANDSHAKE_TIMEOUT = 5.0  # seconds a kicked peer has to drain and answer our close
+PING_FRAME = b"\x89\x00"  # FIN + ping, no payload (server frames are not masked)
+PINGS_PER_PASS = 500  # pings written per event-loop pass by the heartbeat sweep
 
 
 def instance_name() -> str:
@@ -114,7 +116,10 @@ class WsEndpoint:
                 headers={"Retry-After": "1"})
         settings = self.settings
         ws = web.WebSocketResponse(
-            heartbeat=settings.heartbeat or None,
+            # No per-socket heartbeat: one sweep per worker pings them all (keep_alive),
+            # and the read loop answers pings itself (autoping off) so it sees pongs.
+            heartbeat=None,
+            autoping=False,
             max_msg_size=settings.max_message_bytes,
             compress=settings.compress,
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
@@ -192,9 +197,14 @@ class WsEndpoint:
                         break  # kicked: our close handshake follows
                     raise
                 conn.reader = None
+                conn.heard = True
                 if msg.type == WSMsgType.TEXT:
                     self.metrics.messages_in.inc()
                     await self.chat.handle_text(conn, msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    pass  # heard: alive
+                elif msg.type == WSMsgType.PING:
+                    await conn.ws.pong(msg.data)
                 elif msg.type == WSMsgType.BINARY:
                     conn.send(protocol.error(BAD_REQUEST, "binary frames are not supported"))
                 else:
@@ -211,6 +221,25 @@ class WsEndpoint:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("disconnect %s user=%s code=%s reason=%s",
                           conn.id, conn.user.sub, code, reason)
+
+    async def keep_alive(self) -> None:
+        """Ping every socket each CHAT_HEARTBEAT seconds; one that has sent nothing, not
+        even the pong, by the next beat is dead and aborted. One task per worker writing
+        a 2-byte frame to each transport, where aiohttp's own heartbeat keeps two timers
+        per socket and starts a task per ping: that was half of an idle worker's CPU."""
+        every = self.settings.heartbeat
+        if not every:
+            return
+        while True:
+            await asyncio.sleep(every)
+            for n, conn in enumerate(list(self.chat.hub.connections)):
+                if conn.pinged and not conn.heard:
+                    conn.transport.abort()  # the read loop ends; the peer sees 1006
+                else:
+                    conn.heard, conn.pinged = False, True
+                    conn.write(PING_FRAME)
+                if n % PINGS_PER_PASS == PINGS_PER_PASS - 1:
+                    await asyncio.sleep(0)  # let traffic through between slices
 
     async def watch_expiry(self, every: float = 1.0) -> None:
         """Close sockets whose token expired (4001), sweeping once a second: one task per

@@ -461,3 +461,40 @@ async def test_handshakes_past_the_limit_are_shed_at_once_with_retry_after(
     more = [await client.ws_connect("/ws", headers={"Origin": ORIGIN}) for _ in range(3)]
     for ws in [*stuck, *more]:
         await ws.close()
+
+
+async def test_the_heartbeat_sweep_keeps_answering_peers_and_drops_silent_ones(
+        make_client: MakeClient) -> None:
+    """One sweep a worker pings every socket each CHAT_HEARTBEAT: a peer that answers
+    stays however long it is idle; one that never answers is cut by the next beat."""
+    client = await make_client(CHAT_HEARTBEAT="0.2")
+    await login(client)
+    alive = await client.ws_connect("/ws", headers={"Origin": ORIGIN}, autoping=False)
+    silent = await client.ws_connect("/ws", headers={"Origin": ORIGIN}, autoping=False)
+
+    async def pings_until_closed(ws: aiohttp.ClientWebSocketResponse) -> int:
+        pings = 0
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.PING:
+                pings += 1
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                              aiohttp.WSMsgType.ERROR):
+                return pings
+
+    async def answer_pings(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
+        answered = 0
+        while answered < count:
+            msg = await ws.receive()
+            assert msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.TEXT), msg
+            if msg.type == aiohttp.WSMsgType.PING:
+                await ws.pong(msg.data)
+                answered += 1
+
+    async with asyncio.timeout(10):
+        # The silent one is pinged once and cut at the next beat; the other, answering,
+        # is still pinged and open well after that.
+        silent_pings, _ = await asyncio.gather(pings_until_closed(silent),
+                                               answer_pings(alive, 5))
+    assert silent_pings == 1 and not alive.closed
+    await alive.close()

@@ -219,8 +219,8 @@ class Settings:
         "CHAT_COMPRESS", False, "permessage-deflate (off: CPU per frame, and it leaks "
         "lengths)", group=LIMITS)
     heartbeat: float = setting(
-        "CHAT_HEARTBEAT", 20.0, "seconds between pings; a silent peer is dropped (keep "
-        "the proxy's read timeout above it)", group=TIMING, low=0, high=3600)
+        "CHAT_HEARTBEAT", 20.0, "seconds between pings; a peer silent for a whole beat "
+        "after one is dropped (keep the proxy's read timeout above it)", group=TIMING, low=0, high=3600)
     grace: float = setting(
         "CHAT_GRACE", 10.0, "shutdown grace period, seconds", group=TIMING, low=0, high=600)
     history_maxlen: int = setting(

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from .api import ApiRoutes
 from .auth.cognito import CognitoClient, fetch_json
+from .auth.denylist import Denylist, MemoryDenylist, RedisDenylist
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
 from .auth.gate import AuthGate
 from .auth.routes import AuthRoutes, AuthService
@@ -84,6 +85,7 @@ async def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await broker.start(chat)
+        await auth.denylist.start()
         await auth.verifier.prefetch()
         tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
                  asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
@@ -96,6 +98,7 @@ async def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await chat.control.close()
+            await auth.denylist.close()
             await broker.close()
             await session.close()
             if store is not None:
@@ -165,6 +168,9 @@ async def _auth_service(
     hits: HitCounter = (
         RedisHitCounter(store, settings.redis_prefix) if store is not None else MemoryHitCounter()
     )
+    denylist: Denylist = (
+        RedisDenylist(store, settings.redis_url, settings.redis_prefix)
+        if store is not None and settings.redis_url else MemoryDenylist())
     if settings.dev_auth:
         dev = DevIssuer(await _dev_key(settings, store), ttl=settings.dev_token_ttl)
 
@@ -173,9 +179,10 @@ async def _auth_service(
 
         def dev_verifier(uses: set[str]) -> TokenVerifier:
             return TokenVerifier(issuers=[DEV_ISSUER], client_id=DEV_CLIENT_ID, token_uses=uses,
-                                 fetch_jwks=local_jwks, leeway=settings.token_leeway)
+                                 fetch_jwks=local_jwks, leeway=settings.token_leeway,
+                                 refuses=denylist.refuses)
 
-        return AuthService(settings, dev_verifier({"access"}), hits, metrics, dev=dev,
+        return AuthService(settings, dev_verifier({"access"}), hits, metrics, denylist, dev=dev,
                            refresh_verifier=dev_verifier({"refresh"}))
     issuer = settings.cognito_issuer
     region_pool = issuer.rpartition("/")[2]
@@ -192,6 +199,7 @@ async def _auth_service(
         token_uses={settings.token_use},
         fetch_jwks=cognito_jwks,
         leeway=settings.token_leeway,
+        refuses=denylist.refuses,
     )
     cognito = CognitoClient(
         session,
@@ -200,7 +208,7 @@ async def _auth_service(
         client_secret=settings.cognito_client_secret,
         endpoint=settings.cognito_endpoint,
     )
-    return AuthService(settings, verifier, hits, metrics, cognito=cognito)
+    return AuthService(settings, verifier, hits, metrics, denylist, cognito=cognito)
 
 
 async def _dev_key(settings: Settings, store: aioredis.Redis | None) -> bytes:

@@ -24,8 +24,10 @@ from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
+from .denylist import Denylist
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer, parse_dev_groups
 from .gate import AUTH_COOKIE, client_ip
+from .signout import Revoker
 from .throttle import LoginThrottle
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
@@ -47,6 +49,7 @@ class AuthService:
     verifier: TokenVerifier
     hits: HitCounter  # the sign-in rate limits, shared by every worker
     metrics: Metrics
+    denylist: Denylist  # revoked tokens, checked by the verifiers too
     dev: DevIssuer | None = None
     refresh_verifier: TokenVerifier | None = None  # dev refresh tokens
     cognito: CognitoClient | None = None
@@ -60,6 +63,8 @@ class AuthRoutes:
         self.settings = auth.settings
         self._sign_out = sign_out  # closes a user's sockets on every worker and replica
         self._throttle = LoginThrottle(auth.hits, auth.settings.login_rate_per_minute)
+        self._revoker = Revoker(auth.denylist, token_use=auth.settings.token_use,
+                                refresh_verifier=auth.refresh_verifier, cognito=auth.cognito)
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/auth/login", self.login)
@@ -210,10 +215,13 @@ class AuthRoutes:
         return web.json_response({"user": user.public()})
 
     async def logout(self, request: web.Request) -> web.Response:
+        token = request.cookies.get(AUTH_COOKIE, "")
         try:
-            user = await self.auth.verifier.verify(request.cookies.get(AUTH_COOKIE))
+            user: User | None = await self.auth.verifier.verify(token)
         except TokenError:
             user = None
+        everywhere = request.query.get("everywhere") == "1"  # Cognito's GlobalSignOut too
+        await self._revoker.sign_out(user, token, request.cookies.get(REFRESH_COOKIE), everywhere)
         if user is not None:
             await self._sign_out(user.sub)  # retried in the background while Redis is down
         refresh = request.cookies.get(REFRESH_COOKIE, "").partition(".")[2]

@@ -16,6 +16,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from .api import ApiRoutes
+from .auth.challenge_store import ChallengeStore, MemoryChallengeStore, RedisChallengeStore
 from .auth.cognito import CognitoClient, fetch_json
 from .auth.denylist import Denylist, MemoryDenylist, RedisDenylist
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
@@ -208,7 +209,11 @@ async def _auth_service(
         client_secret=settings.cognito_client_secret,
         endpoint=settings.cognito_endpoint,
     )
-    return AuthService(settings, verifier, hits, metrics, denylist, cognito=cognito)
+    challenges: ChallengeStore = (
+        RedisChallengeStore(store, settings.redis_prefix) if store is not None
+        else MemoryChallengeStore())
+    return AuthService(settings, verifier, hits, metrics, denylist, cognito=cognito,
+                       challenges=challenges)
 
 
 async def _dev_key(settings: Settings, store: aioredis.Redis | None) -> bytes:

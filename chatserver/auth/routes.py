@@ -23,6 +23,8 @@ from ..config import Settings
 from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
+from .challenge import ChallengeRoutes
+from .challenge_store import ChallengeStore
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
 from .denylist import Denylist
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer, parse_dev_groups
@@ -53,6 +55,7 @@ class AuthService:
     dev: DevIssuer | None = None
     refresh_verifier: TokenVerifier | None = None  # dev refresh tokens
     cognito: CognitoClient | None = None
+    challenges: ChallengeStore | None = None  # Cognito's pending challenge sessions
 
 
 class AuthRoutes:
@@ -65,12 +68,19 @@ class AuthRoutes:
         self._throttle = LoginThrottle(auth.hits, auth.settings.login_rate_per_minute)
         self._revoker = Revoker(auth.denylist, token_use=auth.settings.token_use,
                                 refresh_verifier=auth.refresh_verifier, cognito=auth.cognito)
+        self._challenges = None
+        if auth.cognito is not None and auth.challenges is not None:
+            self._challenges = ChallengeRoutes(
+                auth.settings, auth.cognito, auth.challenges, self._throttle,
+                self._tokens_response, self._set_cookie, self._cognito_error)
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/auth/login", self.login)
         router.add_post("/auth/refresh", self.refresh)
         router.add_get("/auth/me", self.me)
         router.add_post("/auth/logout", self.logout)
+        if self._challenges is not None:
+            router.add_post("/auth/challenge", self._challenges.answer)
 
     async def login(self, request: web.Request) -> web.Response:
         try:
@@ -131,7 +141,10 @@ class AuthRoutes:
         except CognitoError as exc:
             return self._cognito_error(exc)
         except ChallengeRequired as exc:
-            return error(409, "challenge", "Cognito requires a challenge", challenge=exc.challenge)
+            if self._challenges is None:
+                return error(409, "challenge", "Cognito requires a challenge",
+                             challenge=exc.challenge)
+            return await self._challenges.begin(exc, username, username)
         except CognitoUnavailable as exc:
             log.warning("cognito login failed: %s", exc)
             return error(503, "unavailable", "sign-in service unavailable; try again")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -216,3 +216,40 @@ async def test_replayed_or_expired_challenge_is_401(server: ServerProcess,
         expired = await answer(late, server, code=pool.sms_codes[user.username])
         assert (expired.status, expired.body["error"]) == (401, "challenge_expired")
         assert expired.cookies[COOKIE][0] == ""
+
+
+async def test_challenge_crosses_workers_through_redis(
+        make_server: Callable[..., ServerProcess], redis_url: str, pool: FakeCognito) -> None:
+    """Two workers on Redis: whichever worker answers /auth/challenge finds the pending
+    challenge (a wrong code, a retry, then the right code)."""
+    server = make_server(workers=2, redis_url=redis_url,
+                         env=pool_env(pool, CHAT_LOGIN_RATE="100000"))
+    for _ in range(3):
+        user = new_user(pool, "SMS_MFA")
+        async with cookie_session() as session:
+            assert (await login(session, server, user.username, user.password)).status == 409
+            right = pool.sms_codes[user.username]
+            bad = await answer(session, server, code="000000" if right != "000000" else "111111")
+            assert bad.body["error"] == "invalid_code"
+            good = await answer(session, server, code=right)
+            assert good.status == 200, good.body
+
+
+async def test_logout_everywhere_calls_global_sign_out(server: ServerProcess,
+                                                       pool: FakeCognito) -> None:
+    """logout?everywhere=1 calls GlobalSignOut with the access token: the user's other
+    refresh tokens stop working, and the other session's access token is refused."""
+    user = PoolUser("g-" + uuid.uuid4().hex[:10], "Global-pw-1")
+    pool.add(user)
+    async with secure_session(server) as first, secure_session(server) as second:
+        assert (await login(first, server, user.username, user.password)).status == 200
+        other = await login(second, server, user.username, user.password)
+        assert other.status == 200
+        out = await call(first, server, "POST", "/auth/logout?everywhere=1")
+        assert out.status == 200
+        assert pool.global_sign_outs == [user.username]
+        (sent,) = pool.calls_to("GlobalSignOut")
+        assert set(sent.body) == {"AccessToken"}
+        assert (await call(second, server, "GET", "/auth/me")).body["detail"] == "revoked"
+        refreshed = await call(second, server, "POST", "/auth/refresh")
+        assert refreshed.status == 401, "Cognito revoked the other session's refresh token"

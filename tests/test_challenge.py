@@ -253,3 +253,23 @@ async def test_logout_everywhere_calls_global_sign_out(server: ServerProcess,
         assert (await call(second, server, "GET", "/auth/me")).body["detail"] == "revoked"
         refreshed = await call(second, server, "POST", "/auth/refresh")
         assert refreshed.status == 401, "Cognito revoked the other session's refresh token"
+
+
+async def test_challenge_answers_are_rate_limited_like_login(
+        make_server: Callable[..., ServerProcess], pool: FakeCognito) -> None:
+    """Answers count against the login's per-address limit: past it, 429 with Retry-After,
+    and the challenge is kept (a new id) rather than spent."""
+    server = make_server(env=pool_env(pool, CHAT_LOGIN_RATE="3"))
+    user = new_user(pool, "SMS_MFA")
+    async with cookie_session() as session:
+        assert (await login(session, server, user.username, user.password)).status == 409
+        right = pool.sms_codes[user.username]
+        wrong = "000000" if right != "000000" else "111111"
+        for _ in range(2):
+            assert (await answer(session, server, code=wrong)).body["error"] == "invalid_code"
+        limited = await answer(session, server, code=right)
+        assert (limited.status, limited.body["error"]) == (429, "rate_limited")
+        assert limited.cookies[COOKIE][0], "the challenge is kept for after the wait"
+    calls = [c for c in pool.calls_to("RespondToAuthChallenge")
+             if c.body["ChallengeResponses"]["USERNAME"] == user.username]
+    assert len(calls) == 2, "a limited answer costs no Cognito call"

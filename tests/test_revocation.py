@@ -5,6 +5,9 @@ after a restart. Real chatserver processes, real redis-server, dev sign-in.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import Callable
 
 import aiohttp
@@ -111,3 +114,26 @@ async def test_denylist_shared_by_two_instances_and_survives_restart(
     async with cookie_session() as fresh:
         assert (await login(fresh, three, "tess", "")).status == 200
         await works_at_ws(fresh, three)
+
+
+async def test_restarted_worker_loads_the_denylist(
+        make_server: Callable[..., ServerProcess], redis_url: str) -> None:
+    """A worker killed after a sign-out comes back refusing the copied token: it loads the
+    denylist from Redis at start (it never heard the broadcast)."""
+    server = make_server(workers=2, redis_url=redis_url)
+    async with cookie_session() as session:
+        answer = await login(session, server, "wanda", "")
+        token = answer.cookies["authToken"][0]
+        sockets = await sockets_on_two_workers(session, server, answer.body["user"]["sub"])
+        for ws in sockets:
+            await ws.close()
+        instances = sorted({i for _ in range(40)
+                            if (i := await asyncio.to_thread(server.instance_answering))})
+        assert len(instances) == 2, instances
+        assert (await call(session, server, "POST", "/auth/logout")).status == 200
+    killed = instances[0]
+    os.kill(int(killed.rsplit(":", 1)[1]), signal.SIGKILL)
+    await asyncio.to_thread(server.wait_ready)
+    seen = {await asyncio.to_thread(server.instance_answering) for _ in range(40)}
+    assert killed not in seen and len(seen - {None}) == 2, seen
+    assert await refused_at_ws(token, server, TRIES) == [(1008, "revoked")] * TRIES

@@ -17,7 +17,9 @@ from redis.exceptions import RedisError
 
 from .admission import Admission
 from .api import ApiRoutes
+from .auth.challenge_store import ChallengeStore, MemoryChallengeStore, RedisChallengeStore
 from .auth.cognito import CognitoClient, fetch_json
+from .auth.denylist import Denylist, MemoryDenylist, RedisDenylist
 from .auth.dev import DEV_CLIENT_ID, DEV_ISSUER, DevIssuer, new_private_key_pem
 from .auth.gate import AuthGate
 from .auth.routes import AuthRoutes, AuthService
@@ -89,6 +91,7 @@ async def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await broker.start(chat)
+        await auth.denylist.start()
         await auth.verifier.prefetch()
         tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
                  asyncio.create_task(endpoint.keep_alive(), name="heartbeat"),
@@ -102,6 +105,7 @@ async def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await chat.control.close()
+            await auth.denylist.close()
             await broker.close()
             await session.close()
             if store is not None:
@@ -173,6 +177,9 @@ async def _auth_service(
     hits: HitCounter = (
         RedisHitCounter(store, settings.redis_prefix) if store is not None else MemoryHitCounter()
     )
+    denylist: Denylist = (
+        RedisDenylist(store, settings.redis_url, settings.redis_prefix)
+        if store is not None and settings.redis_url else MemoryDenylist())
     if settings.dev_auth:
         dev = DevIssuer(await _dev_key(settings, store), ttl=settings.dev_token_ttl)
 
@@ -181,9 +188,10 @@ async def _auth_service(
 
         def dev_verifier(uses: set[str]) -> TokenVerifier:
             return TokenVerifier(issuers=[DEV_ISSUER], client_id=DEV_CLIENT_ID, token_uses=uses,
-                                 fetch_jwks=local_jwks, leeway=settings.token_leeway)
+                                 fetch_jwks=local_jwks, leeway=settings.token_leeway,
+                                 refuses=denylist.refuses)
 
-        return AuthService(settings, dev_verifier({"access"}), hits, metrics, dev=dev,
+        return AuthService(settings, dev_verifier({"access"}), hits, metrics, denylist, dev=dev,
                            refresh_verifier=dev_verifier({"refresh"}))
     issuer = settings.cognito_issuer
     region_pool = issuer.rpartition("/")[2]
@@ -200,6 +208,7 @@ async def _auth_service(
         token_uses={settings.token_use},
         fetch_jwks=cognito_jwks,
         leeway=settings.token_leeway,
+        refuses=denylist.refuses,
     )
     cognito = CognitoClient(
         session,
@@ -208,7 +217,11 @@ async def _auth_service(
         client_secret=settings.cognito_client_secret,
         endpoint=settings.cognito_endpoint,
     )
-    return AuthService(settings, verifier, hits, metrics, cognito=cognito)
+    challenges: ChallengeStore = (
+        RedisChallengeStore(store, settings.redis_prefix) if store is not None
+        else MemoryChallengeStore())
+    return AuthService(settings, verifier, hits, metrics, denylist, cognito=cognito,
+                       challenges=challenges)
 
 
 async def _dev_key(settings: Settings, store: aioredis.Redis | None) -> bytes:

@@ -115,6 +115,13 @@ class Settings:
     cognito_endpoint: str | None = setting(
         "AWS_COGNITO_ENDPOINT", None, "InitiateAuth endpoint (LocalStack, moto)",
         group=COGNITO, shown="the region's", parse=parse_http_url)
+    password_rules: str = setting(
+        "AWS_COGNITO_PASSWORD_RULES", "at least 8 characters, with upper and lower case "
+        "letters, a number and a symbol", "the pool's password policy, shown on the "
+        "new-password form (Cognito's default policy)", group=COGNITO)
+    totp_issuer: str = setting(
+        "CHAT_TOTP_ISSUER", "chatserver", "the issuer an authenticator app shows for the TOTP "
+        "set up at sign-in", group=COGNITO)
     token_use: str = setting(
         "CHAT_TOKEN_USE", "access", "which Cognito token the cookie holds: `access` or `id`",
         group=COGNITO, parse=parse_one_of("access", "id"))
@@ -220,7 +227,8 @@ class Settings:
         "lengths)", group=LIMITS)
     heartbeat: float = setting(
         "CHAT_HEARTBEAT", 20.0, "seconds between pings; a peer silent for a whole beat "
-        "after one is dropped (keep the proxy's read timeout above it)", group=TIMING, low=0, high=3600)
+        "after one is dropped (keep the proxy's read timeout above it)", group=TIMING,
+        low=0, high=3600)
     grace: float = setting(
         "CHAT_GRACE", 10.0, "shutdown grace period, seconds", group=TIMING, low=0, high=600)
     history_maxlen: int = setting(

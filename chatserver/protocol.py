@@ -32,6 +32,7 @@ SIGNED_OUT: Final = Close(1000, "signed out", retry=False)
 NOT_SIGNED_IN: Final = Close(1008, "missing token", retry=False)
 INVALID_TOKEN: Final = Close(1008, "invalid token", retry=False)  # .because(reason)
 FLOODING: Final = Close(1008, "rate limit exceeded", retry=False)
+REVOKED: Final = Close(1008, "revoked", retry=False)  # a token signed out (copied cookie)
 # aiohttp's reader sends this one itself for a frame over CHAT_MAX_MESSAGE_BYTES.
 TOO_LARGE_FRAME: Final = Close(1009, "message too big", retry=False)
 # Retry.
@@ -47,7 +48,7 @@ USER_FULL: Final = Close(1013, "too many connections for this user", retry=True)
 TOKEN_EXPIRED: Final = Close(4001, "token expired", retry=True)
 
 CLOSES: Final = (
-    SIGNED_OUT, NOT_SIGNED_IN, INVALID_TOKEN, FLOODING, TOO_LARGE_FRAME, SHUTTING_DOWN,
+    SIGNED_OUT, NOT_SIGNED_IN, INVALID_TOKEN, FLOODING, REVOKED, TOO_LARGE_FRAME, SHUTTING_DOWN,
     KEYS_UNAVAILABLE, SLOW_CONSUMER, RESUME_BACKLOG, BROKER_DOWN, DRAINING, SERVER_FULL,
     USER_FULL, TOKEN_EXPIRED,
 )

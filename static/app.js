@@ -20,6 +20,12 @@ const el = {
   roomTitle: $("room-title"), messages: $("messages"), composer: $("composer"),
   messageInput: $("message-input"), send: $("send"), composerNote: $("composer-note"),
   presence: $("presence"), presenceTitle: $("presence-title"),
+  challengeForm: $("challenge-form"), challengeTitle: $("challenge-title"),
+  challengeHint: $("challenge-hint"), challengeRules: $("challenge-rules"),
+  challengeSetup: $("challenge-setup"), challengeQr: $("challenge-qr"),
+  challengeSecret: $("challenge-secret"), challengeUri: $("challenge-uri"),
+  challengeFields: $("challenge-fields"), challengeError: $("challenge-error"),
+  challengeSubmit: $("challenge-submit"), challengeCancel: $("challenge-cancel"),
 };
 
 const auth = new Auth();
@@ -51,6 +57,8 @@ function showLogin(error = "") {
   el.chatView.hidden = true;
   el.account.hidden = true;
   el.loginView.hidden = false;
+  el.challengeForm.hidden = true;
+  el.loginForm.hidden = false;
   el.loginError.textContent = error;
   el.loginSubmit.disabled = false;
   el.username.focus();
@@ -358,6 +366,93 @@ function sessionEndedText({ lastClose, reason }) {
   return `Your session ended (${reason}). Please sign in again.`;
 }
 
+// ---- sign-in challenges (Cognito: new password, MFA code, TOTP set-up) --------------------
+
+const CHALLENGE_TEXT = {
+  NEW_PASSWORD_REQUIRED: ["Choose a new password", "Your account needs a new password before you can sign in."],
+  SOFTWARE_TOKEN_MFA: ["Enter your code", "Enter the 6-digit code from your authenticator app."],
+  SMS_MFA: ["Enter your code", "Enter the code we sent by text message"],
+  MFA_SETUP: ["Set up your authenticator", "Scan the QR code with an authenticator app, then enter the 6-digit code it shows."],
+};
+
+function addField(name, label, attrs) {
+  const id = `challenge-${name}`;
+  const labelEl = document.createElement("label");
+  labelEl.htmlFor = id;
+  labelEl.textContent = label;
+  const input = document.createElement("input");
+  Object.assign(input, { id, name, required: true, maxLength: 256, ...attrs });
+  el.challengeFields.append(labelEl, input);
+  return input;
+}
+
+/** Show the form for the challenge a 409 named; `data` is the server's answer. */
+function showChallenge(data) {
+  const [title, hint] = CHALLENGE_TEXT[data.challenge] ?? ["One more step", ""];
+  el.loginForm.hidden = true;
+  el.challengeForm.hidden = false;
+  el.challengeForm.dataset.challenge = data.challenge;
+  el.challengeTitle.textContent = title;
+  el.challengeHint.textContent = data.destination ? `${hint} to ${data.destination}.` : hint;
+  el.challengeRules.hidden = !data.password_rules;
+  el.challengeRules.textContent = data.password_rules ? `Password rules: ${data.password_rules}.` : "";
+  el.challengeSetup.hidden = data.challenge !== "MFA_SETUP";
+  if (data.challenge === "MFA_SETUP") {
+    el.challengeQr.src = data.qr;  // an SVG data: URI drawn by the server, no third party
+    el.challengeSecret.textContent = data.secret;
+    el.challengeUri.href = data.otpauth;
+  }
+  el.challengeFields.replaceChildren();
+  el.challengeError.textContent = "";
+  el.challengeSubmit.disabled = false;
+  let first = null;
+  for (const field of data.fields ?? []) {
+    const input = field === "new_password"
+      ? addField(field, "New password", { type: "password", autocomplete: "new-password" })
+      : field === "code"
+        ? addField(field, "Code", { type: "text", inputMode: "numeric", autocomplete: "one-time-code", maxLength: 8 })
+        : addField(`attr-${field}`, field.replaceAll("_", " "), { type: "text" });
+    first ??= input;
+  }
+  first?.focus();
+}
+
+function challengeAnswer() {
+  const answer = {};
+  const attributes = {};
+  for (const input of el.challengeFields.querySelectorAll("input")) {
+    if (input.name === "new_password") answer.new_password = input.value;
+    else if (input.name === "code") answer.code = input.value.trim();
+    else attributes[input.name.slice("attr-".length)] = input.value;
+  }
+  if (Object.keys(attributes).length) answer.attributes = attributes;
+  return answer;
+}
+
+function signedIn() {
+  signingOut = false;
+  showChat(auth.user);
+  socket.start();
+}
+
+el.challengeForm.addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  el.challengeError.textContent = "";
+  el.challengeSubmit.disabled = true;
+  try {
+    await auth.answerChallenge(challengeAnswer());
+    signedIn();
+  } catch (err) {
+    el.challengeSubmit.disabled = false;
+    if (err.code === "challenge") return showChallenge(err.data);
+    if (err.code === "challenge_expired") return showLogin(err.detail);
+    el.challengeError.textContent = err.detail ?? "Cannot reach the server. Try again.";
+    el.challengeFields.querySelector("input")?.focus();
+  }
+});
+
+el.challengeCancel.addEventListener("click", () => showLogin());
+
 // ---- user actions -----------------------------------------------------------------------
 
 el.loginForm.addEventListener("submit", async (ev) => {
@@ -372,12 +467,11 @@ el.loginForm.addEventListener("submit", async (ev) => {
   el.loginSubmit.disabled = true;
   try {
     await auth.login(username, el.password.value);
-    signingOut = false;
-    showChat(auth.user);
-    socket.start();
+    signedIn();
   } catch (err) {
-    el.loginError.textContent = err.detail ?? "Cannot reach the server. Try again.";
     el.loginSubmit.disabled = false;
+    if (err.code === "challenge" && err.data.fields) return showChallenge(err.data);
+    el.loginError.textContent = err.detail ?? "Cannot reach the server. Try again.";
     el.password.focus();
   }
 });

@@ -1,13 +1,18 @@
 // Auth: who is signed in, through the server's /auth/* routes. The tokens live in
 // HttpOnly cookies this code never sees; it only learns the user or the error.
 
-/** An /auth/* call that failed; `detail` is the server's message for the user. */
+/**
+ * An /auth/* call that failed; `detail` is the server's message for the user. A sign-in
+ * that meets a Cognito challenge fails with code "challenge": `data` then names it and
+ * the fields to ask for (never Cognito's session, which stays on the server).
+ */
 export class AuthError extends Error {
-  constructor(status, code, detail) {
+  constructor(status, code, detail, data = {}) {
     super(detail || code || `HTTP ${status}`);
     this.status = status;
     this.code = code;
     this.detail = this.message;
+    this.data = data;
   }
 }
 
@@ -21,7 +26,7 @@ async function call(method, path, body) {
   const res = await fetch(path, init);
   let data = {};
   try { data = await res.json(); } catch { /* empty or non-JSON body */ }
-  if (!res.ok) throw new AuthError(res.status, data.error, data.detail);
+  if (!res.ok) throw new AuthError(res.status, data.error, data.detail, data);
   return data;
 }
 
@@ -65,6 +70,17 @@ export class Auth extends EventTarget {
   /** POST /auth/login; rejects with AuthError (detail is shown to the user). */
   async login(username, password) {
     const { user } = await call("POST", "/auth/login", { username, password });
+    this.setUser(user);
+    return user;
+  }
+
+  /**
+   * POST /auth/challenge with the answer ({new_password, attributes} or {code}); resolves
+   * to the user, or rejects with AuthError: "challenge" (the next one), "invalid_code",
+   * "invalid_password", "challenge_expired" (sign in again), ...
+   */
+  async answerChallenge(answer) {
+    const { user } = await call("POST", "/auth/challenge", answer);
     this.setUser(user);
     return user;
   }

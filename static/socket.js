@@ -171,6 +171,8 @@ export class ChatSocket extends EventTarget {
     const { code, reason } = ev;
     this.lastClose = code;
 
+    // 1008 is terminal whatever its reason: "revoked" (a token signed out, e.g. a copied
+    // cookie), "missing token", "invalid token: ...", flooding.
     if (code === CLOSE.POLICY) return this.stop("signed-out", reason || "access refused");
     // The server sends 1000 only for a sign-out: terminal, like 1008 (decided by code,
     // never by the reason's wording).

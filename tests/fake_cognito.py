@@ -2,8 +2,10 @@
 
 `POST /` with `X-Amz-Target: AWSCognitoIdentityProviderService.InitiateAuth` and an
 `application/x-amz-json-1.1` body; USER_PASSWORD_AUTH and REFRESH_TOKEN_AUTH with SECRET_HASH
-checked per app client; AWS-shaped errors and challenges; modes that answer 500 or hang;
-and the pool's JWKS. It runs in a thread with its own event loop, so it answers while the
+checked per app client; AWS-shaped errors and challenges, answered by
+RespondToAuthChallenge (NEW_PASSWORD_REQUIRED, SOFTWARE_TOKEN_MFA, SMS_MFA, MFA_SETUP after
+AssociateSoftwareToken and VerifySoftwareToken); RevokeToken and GlobalSignOut; modes
+that answer 500 or hang; and the pool's JWKS. It runs in a thread with its own event loop, so it answers while the
 test thread blocks (make_server() waits for readiness synchronously).
 """
 
@@ -24,12 +26,17 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from aiohttp import web
 
 from tests.cognito_keys import CLIENT_ID, ISSUER, POOL_ID, SigningKey
 
 TARGET = "AWSCognitoIdentityProviderService.InitiateAuth"
 REVOKE_TARGET = "AWSCognitoIdentityProviderService.RevokeToken"
+SERVICE = "AWSCognitoIdentityProviderService."
+RESPOND, ASSOCIATE, VERIFY, GLOBAL_SIGN_OUT = (
+    "RespondToAuthChallenge", "AssociateSoftwareToken", "VerifySoftwareToken", "GlobalSignOut")
+SESSION_SECONDS = 180  # Cognito's challenge session
 AMZ_JSON = "application/x-amz-json-1.1"
 HANG_SECONDS = 30.0  # far beyond the server's 5 s bound; stop() releases it early
 
@@ -54,6 +61,31 @@ class PoolUser:
     error: str | None = None
     challenge: str | None = None
     token_ttl: int = 3600
+    totp_secret: str | None = None  # base32; SOFTWARE_TOKEN_MFA checks codes against it
+    required_attributes: tuple[str, ...] = ()  # NEW_PASSWORD_REQUIRED asks for these
+    attributes: dict[str, str] = field(default_factory=dict)
+    then: str | None = None  # the challenge that follows NEW_PASSWORD_REQUIRED (MFA_SETUP)
+
+
+def totp(secret: str, at: float | None = None, step: int = 30) -> str:
+    """RFC 6238 with SHA-1 and 6 digits, as authenticator apps and Cognito compute it."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    counter = int((time.time() if at is None else at) // step).to_bytes(8, "big")
+    mac = hmac.new(key, counter, hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    return str((int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFFFFFF) % 1_000_000).zfill(6)
+
+
+@dataclass
+class ChallengeSession:
+    """A Session Cognito handed out: whose, for which step, until when."""
+
+    username: str
+    client_id: str
+    challenge: str
+    expires: float
+    secret: str | None = None  # MFA_SETUP: associated, not yet verified
+    verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +132,10 @@ class FakeCognito:
         self.issued: list[str] = []
         self.mode = "ok"
         self.jwks_hits = 0
+        self.sessions: dict[str, ChallengeSession] = {}  # the live ones
+        self.handed_out: list[str] = []  # every Session ever answered (for leak checks)
+        self.sms_codes: dict[str, str] = {}  # username -> the code "sent" by SMS
+        self.global_sign_outs: list[str] = []  # usernames
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
@@ -125,6 +161,14 @@ class FakeCognito:
     @property
     def jwks_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/{POOL_ID}/.well-known/jwks.json"
+
+    def expire_sessions(self) -> None:
+        """Every challenge session runs out (as after Cognito's 3 minutes)."""
+        for session in self.sessions.values():
+            session.expires = 0.0
+
+    def calls_to(self, operation: str) -> list[Call]:
+        return [call for call in self.calls if call.target == SERVICE + operation]
 
     def calls_of(self, flow: str) -> list[Call]:
         return [call for call in self.calls if call.flow == flow]
@@ -213,6 +257,11 @@ class FakeCognito:
             if request.headers.get("X-Amz-Target") == REVOKE_TARGET:
                 self.answered.append(self._revoke(body))
                 return _answer({})
+            operation = (request.headers.get("X-Amz-Target") or "").removeprefix(SERVICE)
+            if operation in (RESPOND, ASSOCIATE, VERIFY, GLOBAL_SIGN_OUT):
+                document = getattr(self, "_" + operation)(body)
+                self.answered.append(document.get("ChallengeName", operation))
+                return _answer(document)
             if request.headers.get("X-Amz-Target") != TARGET:
                 raise AwsError("UnknownOperationException", "Unknown operation")
             if request.headers.get("Content-Type") != AMZ_JSON:
@@ -293,8 +342,10 @@ class FakeCognito:
         if user.error:
             raise AwsError(user.error, f"{user.error} for this user")
         if user.challenge:
-            return {"ChallengeName": user.challenge, "Session": secrets.token_urlsafe(48),
-                    "ChallengeParameters": {"USER_ID_FOR_SRP": user.username}}
+            return self._challenge(user, client_id, user.challenge)
+        return self._signed_in(user, client_id)
+
+    def _signed_in(self, user: PoolUser, client_id: str) -> dict[str, Any]:
         refresh = _opaque_refresh_token()
         self.refresh_tokens[refresh] = (user.username, client_id)
         self.issued.append(refresh)
@@ -331,6 +382,114 @@ class FakeCognito:
             result["RefreshToken"] = refresh
         self.issued += [result["AccessToken"], result["IdToken"]]
         return result
+
+
+    # ------------------------------------------------------------ challenges
+
+    def _challenge(self, user: PoolUser, client_id: str, name: str) -> dict[str, Any]:
+        session = secrets.token_urlsafe(48)
+        self.sessions[session] = ChallengeSession(user.username, client_id, name,
+                                                  time.time() + SESSION_SECONDS)
+        parameters = {"USER_ID_FOR_SRP": user.username}
+        if name == "NEW_PASSWORD_REQUIRED":
+            parameters["requiredAttributes"] = json.dumps(
+                [f"userAttributes.{a}" for a in user.required_attributes])
+            parameters["userAttributes"] = json.dumps(user.attributes)
+        elif name == "SMS_MFA":
+            self.sms_codes[user.username] = f"{secrets.randbelow(10**6):06d}"
+            parameters.update(CODE_DELIVERY_DELIVERY_MEDIUM="SMS",
+                              CODE_DELIVERY_DESTINATION="+*******0100")
+        elif name == "MFA_SETUP":
+            parameters["MFAS_CAN_SETUP"] = '["SOFTWARE_TOKEN_MFA"]'
+        self.handed_out.append(session)
+        return {"ChallengeName": name, "Session": session, "ChallengeParameters": parameters}
+
+    def _session(self, body: dict[str, Any], step: str | None = None) -> ChallengeSession:
+        token = body.get("Session")
+        found = self.sessions.get(token) if isinstance(token, str) else None
+        if found is None or found.expires <= time.time() or (step and found.challenge != step):
+            raise AwsError("NotAuthorizedException", "Invalid session for the user, session is expired.")
+        return found
+
+    def _RespondToAuthChallenge(self, body: dict[str, Any]) -> dict[str, Any]:
+        client_id, name = body.get("ClientId"), body.get("ChallengeName")
+        if client_id not in self.clients:
+            raise AwsError("ResourceNotFoundException", f"User pool client {client_id} does not exist.")
+        responses = body.get("ChallengeResponses")
+        if not isinstance(responses, dict) or responses.get("USERNAME") is None:
+            raise AwsError("InvalidParameterException", "Missing required parameter USERNAME")
+        session = self._session(body, str(name))
+        if session.client_id != client_id or responses["USERNAME"] != session.username:
+            raise AwsError("NotAuthorizedException", "Invalid session for the user.")
+        self._check_secret_hash(client_id, session.username, responses)
+        user = self.users[session.username]
+        if name == "NEW_PASSWORD_REQUIRED":
+            self._new_password(user, responses)
+        elif name in ("SOFTWARE_TOKEN_MFA", "SMS_MFA"):
+            key = "SOFTWARE_TOKEN_MFA_CODE" if name == "SOFTWARE_TOKEN_MFA" else "SMS_MFA_CODE"
+            right = (totp(user.totp_secret) if name == "SOFTWARE_TOKEN_MFA" and user.totp_secret
+                     else self.sms_codes.get(user.username))
+            if not right or not hmac.compare_digest(str(responses.get(key, "")), right):
+                raise AwsError("CodeMismatchException", "Invalid code received for user")
+        elif name == "MFA_SETUP":
+            if not session.verified or session.secret is None:
+                raise AwsError("InvalidParameterException", "Software token not verified")
+            user.totp_secret, user.challenge = session.secret, "SOFTWARE_TOKEN_MFA"
+        else:
+            raise AwsError("InvalidParameterException", f"Unsupported challenge {name}")
+        del self.sessions[body["Session"]]  # single use once answered
+        if name == "NEW_PASSWORD_REQUIRED" and user.challenge:  # e.g. MFA set-up next
+            return self._challenge(user, client_id, user.challenge)
+        return self._signed_in(user, client_id)
+
+    def _new_password(self, user: PoolUser, responses: dict[str, Any]) -> None:
+        password = str(responses.get("NEW_PASSWORD") or "")
+        if not password:
+            raise AwsError("InvalidParameterException", "Missing required parameter NEW_PASSWORD")
+        rules = (len(password) >= 8, any(c.isupper() for c in password),
+                 any(c.islower() for c in password), any(c.isdigit() for c in password))
+        if not all(rules):
+            raise AwsError("InvalidPasswordException",
+                           "Password does not conform to policy: Password not long enough")
+        for name in user.required_attributes:
+            if not responses.get(f"userAttributes.{name}"):
+                raise AwsError("InvalidParameterException", f"Missing required attribute {name}")
+            user.attributes[name] = str(responses[f"userAttributes.{name}"])
+        user.password = password
+        user.challenge, user.then = user.then, None
+
+    def _AssociateSoftwareToken(self, body: dict[str, Any]) -> dict[str, Any]:
+        session = self._session(body, "MFA_SETUP")
+        del self.sessions[body["Session"]]
+        session.secret = base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=")
+        new = secrets.token_urlsafe(48)
+        self.sessions[new] = session
+        self.handed_out.append(new)
+        return {"SecretCode": session.secret, "Session": new}
+
+    def _VerifySoftwareToken(self, body: dict[str, Any]) -> dict[str, Any]:
+        session = self._session(body, "MFA_SETUP")
+        if session.secret is None or not hmac.compare_digest(str(body.get("UserCode", "")),
+                                                             totp(session.secret)):
+            raise AwsError("EnableSoftwareTokenMFAException",
+                           "Code mismatch and fail enable Software Token MFA")
+        del self.sessions[body["Session"]]
+        session.verified = True
+        new = secrets.token_urlsafe(48)
+        self.sessions[new] = session
+        self.handed_out.append(new)
+        return {"Status": "SUCCESS", "Session": new}
+
+    def _GlobalSignOut(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Every refresh token of the access token's user stops working."""
+        token = str(body.get("AccessToken", ""))
+        if token not in self.issued:
+            raise AwsError("NotAuthorizedException", "Invalid Access Token")
+        claims = jwt.decode(token, options={"verify_signature": False})
+        username = claims.get("username")
+        self.refresh_tokens = {t: o for t, o in self.refresh_tokens.items() if o[0] != username}
+        self.global_sign_outs.append(str(username))
+        return {}
 
 
 def _opaque_refresh_token() -> str:

@@ -354,9 +354,12 @@ async def test_cognito_answer_maps_to_error(server: ServerProcess, fake: FakeCog
     assert fake.answered == [aws]
     assert answer.status == status, answer.body
     assert answer.body["error"] == code and isinstance(answer.body["detail"], str)
-    if status == 409:
+    if status == 409:  # the one cookie is the challenge's opaque id (tests/test_challenge.py)
         assert answer.body["challenge"] == aws
-    assert answer.cookies == {}
+        assert set(answer.cookies) == {"authChallenge"}, answer.cookies
+        assert answer.cookies["authChallenge"][1]["httponly"] is True
+    else:
+        assert answer.cookies == {}
 
 
 async def test_bad_credentials_are_indistinguishable(server: ServerProcess,

@@ -1,4 +1,6 @@
-"""Cognito's public HTTP API: InitiateAuth (password and refresh flows) and the JWKS.
+"""Cognito's public HTTP API: InitiateAuth (password and refresh flows), the challenge
+calls (RespondToAuthChallenge, Associate/VerifySoftwareToken), RevokeToken, GlobalSignOut
+and the JWKS.
 
 Unsigned calls with the aiohttp client (no AWS keys, no boto3); every call is bounded by
 a timeout. Secrets, passwords and tokens never reach a log.
@@ -17,16 +19,21 @@ import aiohttp
 
 TARGET = "AWSCognitoIdentityProviderService.InitiateAuth"
 REVOKE_TARGET = "AWSCognitoIdentityProviderService.RevokeToken"
+RESPOND_TARGET = "AWSCognitoIdentityProviderService.RespondToAuthChallenge"
+ASSOCIATE_TARGET = "AWSCognitoIdentityProviderService.AssociateSoftwareToken"
+VERIFY_TARGET = "AWSCognitoIdentityProviderService.VerifySoftwareToken"
+GLOBAL_SIGN_OUT_TARGET = "AWSCognitoIdentityProviderService.GlobalSignOut"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
 class CognitoError(Exception):
     """Cognito said no (`kind` is its `__type`, e.g. NotAuthorizedException)."""
 
-    def __init__(self, kind: str, status: int) -> None:
+    def __init__(self, kind: str, status: int, message: str = "") -> None:
         super().__init__(kind)
         self.kind = kind
         self.status = status
+        self.message = message  # Cognito's words (a password policy breach names the rule)
 
 
 class CognitoUnavailable(Exception):
@@ -34,9 +41,15 @@ class CognitoUnavailable(Exception):
 
 
 class ChallengeRequired(Exception):
-    def __init__(self, challenge: str) -> None:
+    """Cognito wants a challenge answered. `session` is Cognito's and must never reach
+    the browser or a log; `parameters` are its ChallengeParameters."""
+
+    def __init__(self, challenge: str, session: str = "",
+                 parameters: dict[str, str] | None = None) -> None:
         super().__init__(challenge)
         self.challenge = challenge
+        self.session = session
+        self.parameters = parameters or {}
 
 
 @dataclass(frozen=True)
@@ -85,36 +98,60 @@ class CognitoClient:
             params["SECRET_HASH"] = secret_hash(self._client_secret, username, self._client_id)
         return await self._initiate_auth("REFRESH_TOKEN_AUTH", params)
 
+    def secret_hash(self, username: str) -> dict[str, str]:
+        """{"SECRET_HASH": ...} for an app client with a secret, else {}."""
+        if not self._client_secret:
+            return {}
+        return {"SECRET_HASH": secret_hash(self._client_secret, username, self._client_id)}
+
+    async def respond(self, challenge: str, session: str, responses: dict[str, str]) -> Tokens:
+        """RespondToAuthChallenge; `responses` already hold USERNAME and SECRET_HASH.
+        Raises ChallengeRequired for a follow-on challenge, CognitoError for a refusal."""
+        body = {"ChallengeName": challenge, "ClientId": self._client_id, "Session": session,
+                "ChallengeResponses": responses}
+        return _tokens_of(*await self._checked(RESPOND_TARGET, body))
+
+    async def associate_software_token(self, session: str) -> tuple[str, str]:
+        """AssociateSoftwareToken in an MFA_SETUP challenge: (secret code, new session)."""
+        _, document = await self._checked(ASSOCIATE_TARGET, {"Session": session})
+        secret, new_session = document.get("SecretCode"), document.get("Session")
+        if not isinstance(secret, str) or not isinstance(new_session, str):
+            raise CognitoUnavailable("AssociateSoftwareToken answer has no secret")
+        return secret, new_session
+
+    async def verify_software_token(self, session: str, code: str) -> str:
+        """VerifySoftwareToken: the new session for answering MFA_SETUP. A wrong code is
+        CognitoError (EnableSoftwareTokenMFAException or CodeMismatchException)."""
+        body = {"Session": session, "UserCode": code, "FriendlyDeviceName": "chatserver"}
+        status, document = await self._checked(VERIFY_TARGET, body)
+        new_session = document.get("Session")
+        if document.get("Status") != "SUCCESS" or not isinstance(new_session, str):
+            raise CognitoError("CodeMismatchException", status)
+        return new_session
+
+    async def global_sign_out(self, access_token: str) -> None:
+        """GlobalSignOut: Cognito revokes every refresh token of the user."""
+        await self._checked(GLOBAL_SIGN_OUT_TARGET, {"AccessToken": access_token})
+
     async def revoke(self, refresh_token: str) -> None:
         """RevokeToken: the refresh token (and the tokens it issued) stop working. Raises
         CognitoError or CognitoUnavailable; a sign-out goes on either way."""
         body: dict[str, str] = {"Token": refresh_token, "ClientId": self._client_id}
         if self._client_secret:
             body["ClientSecret"] = self._client_secret
-        status, document = await self._call(REVOKE_TARGET, body)
-        if status >= 400:
-            kind = str(document.get("__type", "UnknownError")).rpartition("#")[2]
-            raise CognitoError(kind, status)
+        await self._checked(REVOKE_TARGET, body)
 
     async def _initiate_auth(self, flow: str, params: dict[str, str]) -> Tokens:
         body = {"AuthFlow": flow, "ClientId": self._client_id, "AuthParameters": params}
-        status, document = await self._call(TARGET, body)
+        return _tokens_of(*await self._checked(TARGET, body))
+
+    async def _checked(self, target: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One call whose 4xx answer is raised as CognitoError."""
+        status, document = await self._call(target, body)
         if status >= 400:
             kind = str(document.get("__type", "UnknownError")).rpartition("#")[2]
-            raise CognitoError(kind, status)
-        if "ChallengeName" in document:
-            raise ChallengeRequired(str(document["ChallengeName"]))
-        result = document.get("AuthenticationResult") or {}
-        try:
-            return Tokens(
-                access_token=result["AccessToken"],
-                id_token=result["IdToken"],
-                refresh_token=result.get("RefreshToken"),
-                expires_in=int(result.get("ExpiresIn", 3600)),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CognitoUnavailable("Cognito answer has no tokens") from None
-
+            raise CognitoError(kind, status, str(document.get("message", ""))[:200])
+        return status, document
 
     async def _call(self, target: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """One unsigned call; 5xx, timeouts and non-JSON answers are CognitoUnavailable."""
@@ -134,6 +171,25 @@ class CognitoClient:
         except ValueError:
             raise CognitoUnavailable("Cognito answered something that is not JSON") from None
         return status, document if isinstance(document, dict) else {}
+
+
+def _tokens_of(status: int, document: dict[str, Any]) -> Tokens:
+    """The tokens of an InitiateAuth or RespondToAuthChallenge answer, or the challenge."""
+    if "ChallengeName" in document:
+        parameters = document.get("ChallengeParameters")
+        raise ChallengeRequired(
+            str(document["ChallengeName"]), str(document.get("Session") or ""),
+            {str(k): str(v) for k, v in parameters.items()} if isinstance(parameters, dict) else {})
+    result = document.get("AuthenticationResult") or {}
+    try:
+        return Tokens(
+            access_token=result["AccessToken"],
+            id_token=result["IdToken"],
+            refresh_token=result.get("RefreshToken"),
+            expires_in=int(result.get("ExpiresIn", 3600)),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise CognitoUnavailable("Cognito answer has no tokens") from None
 
 
 async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float = 5.0) -> Any:

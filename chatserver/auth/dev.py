@@ -66,7 +66,7 @@ class DevIssuer:
 
     def mint(self, username: str, *, ttl: int | None = None, token_use: str = "access",
              now: float | None = None, **extra: Any) -> str:
-        issued = int(time.time() if now is None else now)
+        issued = time.time() if now is None else now
         lifetime = self.ttl if ttl is None else ttl
         claims: dict[str, Any] = {
             "sub": dev_sub(username),
@@ -74,8 +74,11 @@ class DevIssuer:
             "client_id": DEV_CLIENT_ID,
             "token_use": token_use,
             "username": username,
-            "iat": issued,
-            "exp": issued + lifetime,
+            # In milliseconds (a NumericDate may have a fraction): a sign-out refuses
+            # tokens issued at or before it, and a sign-in in the same second after it
+            # must not be taken for one issued before. Cognito's iat is whole seconds.
+            "iat": round(issued, 3),
+            "exp": int(issued) + lifetime,
             "jti": uuid.uuid4().hex,
         }
         claims.update(extra)

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from ..admission import Admission
 from ..config import Settings
 from ..observability import Metrics
-from ..protocol import INVALID_TOKEN, KEYS_UNAVAILABLE, NOT_SIGNED_IN, Close
+from ..protocol import INVALID_TOKEN, KEYS_UNAVAILABLE, NOT_SIGNED_IN, REVOKED, Close
 from ..responses import error
 from .cookies import cookie_names
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
@@ -97,4 +97,6 @@ def _refusal(exc: TokenError) -> Close:
     token that expires while its socket is open."""
     if exc.reason == "missing":
         return NOT_SIGNED_IN
+    if exc.reason == "revoked":  # the verifier asked the denylist (auth/denylist.py)
+        return REVOKED
     return INVALID_TOKEN.because(exc.reason)

@@ -24,10 +24,14 @@ from ..config_checks import is_loopback
 from ..counters import HitCounter
 from ..observability import Metrics
 from ..responses import error
+from .challenge import ChallengeRoutes
+from .challenge_store import ChallengeStore
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
 from .cookies import AUTH, REFRESH, cookie_names
+from .denylist import Denylist
 from .dev import DEV_USERNAME, REFRESH_TTL, DevIssuer, parse_dev_groups
 from .gate import client_ip
+from .signout import Revoker
 from .throttle import LoginThrottle
 from .tokens import KeysUnavailable, TokenError, TokenVerifier, User
 
@@ -48,9 +52,11 @@ class AuthService:
     verifier: TokenVerifier
     hits: HitCounter  # the sign-in rate limits, shared by every worker
     metrics: Metrics
+    denylist: Denylist  # revoked tokens, checked by the verifiers too
     dev: DevIssuer | None = None
     refresh_verifier: TokenVerifier | None = None  # dev refresh tokens
     cognito: CognitoClient | None = None
+    challenges: ChallengeStore | None = None  # Cognito's pending challenge sessions
 
 
 class AuthRoutes:
@@ -62,12 +68,21 @@ class AuthRoutes:
         self._sign_out = sign_out  # closes a user's sockets on every worker and replica
         self._throttle = LoginThrottle(auth.hits, auth.settings.login_rate_per_minute)
         self._cookies = cookie_names(auth.settings)
+        self._revoker = Revoker(auth.denylist, token_use=auth.settings.token_use,
+                                refresh_verifier=auth.refresh_verifier, cognito=auth.cognito)
+        self._challenges = None
+        if auth.cognito is not None and auth.challenges is not None:
+            self._challenges = ChallengeRoutes(
+                auth.settings, auth.cognito, auth.challenges, self._throttle,
+                self._tokens_response, self._set_cookie, self._cognito_error)
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/auth/login", self.login)
         router.add_post("/auth/refresh", self.refresh)
         router.add_get("/auth/me", self.me)
         router.add_post("/auth/logout", self.logout)
+        if self._challenges is not None:
+            router.add_post("/auth/challenge", self._challenges.answer)
 
     async def login(self, request: web.Request) -> web.Response:
         try:
@@ -131,7 +146,10 @@ class AuthRoutes:
         except CognitoError as exc:
             return self._cognito_error(exc)
         except ChallengeRequired as exc:
-            return error(409, "challenge", "Cognito requires a challenge", challenge=exc.challenge)
+            if self._challenges is None:
+                return error(409, "challenge", "Cognito requires a challenge",
+                             challenge=exc.challenge)
+            return await self._challenges.begin(exc, username, username)
         except CognitoUnavailable as exc:
             log.warning("cognito login failed: %s", exc)
             return error(503, "unavailable", "sign-in service unavailable; try again")
@@ -220,15 +238,19 @@ class AuthRoutes:
 
     async def logout(self, request: web.Request) -> web.Response:
         try:
-            user = await self.auth.verifier.verify(self._cookies.auth.read(request))
+            token = self._cookies.auth.read(request) or ""
+            refresh_cookie = self._cookies.refresh.read(request)
+        except TokenError:
+            token, refresh_cookie = "", None  # ambiguous: revoke nothing; all are cleared
+        try:
+            user: User | None = await self.auth.verifier.verify(token)
         except TokenError:
             user = None
+        everywhere = request.query.get("everywhere") == "1"  # Cognito's GlobalSignOut too
+        await self._revoker.sign_out(user, token, refresh_cookie, everywhere)
         if user is not None:
             await self._sign_out(user.sub)  # retried in the background while Redis is down
-        try:
-            refresh = (self._cookies.refresh.read(request) or "").partition(".")[2]
-        except TokenError:
-            refresh = ""  # ambiguous: revoke neither; both are cleared below
+        refresh = (refresh_cookie or "").partition(".")[2]
         if self.auth.cognito is not None and _plausible_refresh_token(refresh):
             wait = await self._throttle.wait_before_call(client_ip(request, self.settings))
             if wait:  # the sockets are closed; only the Cognito call waits for a retry

@@ -24,6 +24,7 @@ import jwt
 from jwt.algorithms import RSAAlgorithm
 
 JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
+Refuses = Callable[["User"], bool]  # the denylist's check: True for a revoked token
 MIN_FETCH_BACKOFF, MAX_FETCH_BACKOFF = 1.0, 30.0  # seconds, while no key is cached
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class User:
     groups: tuple[str, ...] = ()
     exp: float = 0.0
     iat: float = 0.0  # when the token was issued: a sign-out closes the ones before it
+    jti: str = ""  # the token's id: a sign-out denylists it until exp
 
     def public(self) -> dict[str, Any]:
         """What other users and the browser may see of this user."""
@@ -73,6 +75,7 @@ def user_from_claims(claims: dict[str, Any]) -> User:
         groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
         exp=float(claims["exp"]),
         iat=float(claims.get("iat") or 0),
+        jti=str(claims.get("jti") or ""),
     )
 
 
@@ -90,6 +93,7 @@ class TokenVerifier:
         penalty_seconds: float = 10.0,
         cache_size: int = 10000,
         clock: Callable[[], float] = time.time,
+        refuses: Refuses | None = None,
     ) -> None:
         self._issuers = frozenset(issuers)
         self._client_id = client_id
@@ -98,6 +102,7 @@ class TokenVerifier:
         self._leeway = leeway
         self._penalty_seconds = penalty_seconds
         self._clock = clock
+        self._refuses = refuses
         self._keys: dict[str, Any] = {}
         self._fetching: asyncio.Future[None] | None = None
         self._penalty_until = 0.0
@@ -121,6 +126,7 @@ class TokenVerifier:
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.exp + self._leeway > now:
+                self._check_revoked(cached)
                 return cached
             del self._cache[digest]
         header = _header(token)
@@ -134,7 +140,14 @@ class TokenVerifier:
         self._cache[digest] = user
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        self._check_revoked(user)
         return user
+
+    def _check_revoked(self, user: User) -> None:
+        """After the signature and cache: a revoked token stays cached (it is still
+        authentic) and is refused here on every use, at the cost of two dict lookups."""
+        if self._refuses is not None and self._refuses(user):
+            raise TokenError("revoked", "token revoked at sign-out")
 
     def _decode(self, token: str, key: Any) -> dict[str, Any]:
         try:

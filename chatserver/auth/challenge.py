@@ -21,12 +21,13 @@ from ..config import Settings
 from ..responses import error
 from .challenge_store import ChallengeStore, ChallengeStoreUnavailable, Pending
 from .cognito import ChallengeRequired, CognitoClient, CognitoError, CognitoUnavailable, Tokens
+from .cookies import cookie_names
 from .gate import client_ip
 from .throttle import LoginThrottle
+from .tokens import TokenError
 
 log = logging.getLogger(__name__)
 
-CHALLENGE_COOKIE = "authChallenge"
 SESSION_TTL = 180  # seconds: Cognito's challenge session lasts 3 minutes
 NEW_PASSWORD, TOTP, SMS, MFA_SETUP = (
     "NEW_PASSWORD_REQUIRED", "SOFTWARE_TOKEN_MFA", "SMS_MFA", "MFA_SETUP")
@@ -114,6 +115,7 @@ class ChallengeRoutes:
         self._issue = issue
         self._set_cookie = set_cookie
         self._cognito_error = cognito_error
+        self._cookie = cookie_names(settings).challenge
 
     async def begin(self, exc: ChallengeRequired, username: str, typed: str) -> web.Response:
         name, parameters = exc.challenge, exc.parameters
@@ -138,7 +140,7 @@ class ChallengeRoutes:
             log.warning("sign-in challenge not started: %s", type(err).__name__)
             return error(503, "unavailable", "sign-in service unavailable; try again")
         response = error(409, "challenge", "Cognito requires a challenge", challenge=name, **extra)
-        self._set_cookie(response, CHALLENGE_COOKIE, pending_id, "/auth", SESSION_TTL)
+        self._set_cookie(response, self._cookie.name, pending_id, "/auth", SESSION_TTL)
         return response
 
     async def answer(self, request: web.Request) -> web.Response:
@@ -148,7 +150,10 @@ class ChallengeRoutes:
             return error(400, "bad_request", "body must be JSON")
         if not isinstance(body, dict):
             return error(400, "bad_request", "body must be a JSON object")
-        pending_id = request.cookies.get(CHALLENGE_COOKIE, "")
+        try:
+            pending_id = self._cookie.read(request) or ""
+        except TokenError:
+            pending_id = ""  # sent twice: which one is ours cannot be known
         try:
             pending = await self._store.take(pending_id) if pending_id else None
         except ChallengeStoreUnavailable:
@@ -215,9 +220,9 @@ class ChallengeRoutes:
             pending_id = await self._store.put(pending)
         except ChallengeStoreUnavailable:
             return self._gone(response)
-        self._set_cookie(response, CHALLENGE_COOKIE, pending_id, "/auth", left)
+        self._set_cookie(response, self._cookie.name, pending_id, "/auth", left)
         return response
 
     def _gone(self, response: web.Response) -> web.Response:
-        self._set_cookie(response, CHALLENGE_COOKIE, "", "/auth", 0)
+        self._set_cookie(response, self._cookie.name, "", "/auth", 0)
         return response

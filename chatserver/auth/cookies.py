@@ -24,6 +24,7 @@ from .tokens import TokenError
 
 AUTH = "authToken"
 REFRESH = "refreshToken"
+CHALLENGE = "authChallenge"  # a pending Cognito challenge's opaque id (auth/challenge.py)
 
 
 class AmbiguousCookie(TokenError):
@@ -66,16 +67,18 @@ class Cookie:
 class CookieNames:
     auth: Cookie
     refresh: Cookie
+    challenge: Cookie  # never the unprefixed name when Secure: it is new, nothing sends it
 
 
 def cookie_names(settings: Settings) -> CookieNames:
     if not settings.cookie_secure:
-        return CookieNames(Cookie.named(AUTH), Cookie.named(REFRESH))
+        return CookieNames(Cookie.named(AUTH), Cookie.named(REFRESH), Cookie.named(CHALLENGE))
     legacy = settings.legacy_cookies == "1" or (
         settings.legacy_cookies == "auto" and all(map(_no_siblings, settings.allowed_origins)))
     also = (AUTH,) if legacy else ()
     return CookieNames(Cookie.named(f"__Host-{AUTH}", *also),
-                       Cookie.named(f"__Secure-{REFRESH}", *((REFRESH,) if legacy else ())))
+                       Cookie.named(f"__Secure-{REFRESH}", *((REFRESH,) if legacy else ())),
+                       Cookie.named(f"__Secure-{CHALLENGE}"))
 
 
 def _no_siblings(origin: str) -> bool:

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from chatserver.app import ENDPOINT, create_app
+from chatserver.auth.cookies import cookie_names
 from chatserver.broker.memory import MemoryBroker
 from chatserver.config import load_settings
 from tests.cognito_keys import SigningKey
@@ -498,3 +499,17 @@ async def test_the_heartbeat_sweep_keeps_answering_peers_and_drops_silent_ones(
                                                answer_pings(alive, 5))
     assert silent_pings == 1 and not alive.closed
     await alive.close()
+
+
+def test_cookie_names_carry_the_prefixes_exactly_when_secure() -> None:
+    """Secure: __Host- for the token (Path=/), __Secure- for the /auth-scoped ones."""
+    secure = cookie_names(load_settings(
+        {"CHAT_ALLOWED_ORIGINS": "https://chat.example.com", "CHAT_DEV_AUTH": "1"},
+        env_file=None))
+    assert (secure.auth.name, secure.refresh.name, secure.challenge.name) == (
+        "__Host-authToken", "__Secure-refreshToken", "__Secure-authChallenge")
+    assert secure.auth.accepted == ("__Host-authToken",)  # a real domain: no legacy name
+    assert secure.challenge.accepted == ("__Secure-authChallenge",)
+    plain = cookie_names(load_settings({"CHAT_COOKIE_SECURE": "0"}, env_file=None))
+    assert (plain.auth.name, plain.refresh.name, plain.challenge.name) == (
+        "authToken", "refreshToken", "authChallenge")

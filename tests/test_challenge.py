@@ -34,7 +34,8 @@ from tests.test_signin import (
     secure_session,
 )
 
-COOKIE = "authChallenge"
+COOKIE = "__Secure-authChallenge"  # Secure cookies (this module's server): prefixed
+PLAIN_COOKIE = "authChallenge"  # the name without Secure (make_server's default)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +270,7 @@ async def test_challenge_answers_are_rate_limited_like_login(
             assert (await answer(session, server, code=wrong)).body["error"] == "invalid_code"
         limited = await answer(session, server, code=right)
         assert (limited.status, limited.body["error"]) == (429, "rate_limited")
-        assert limited.cookies[COOKIE][0], "the challenge is kept for after the wait"
+        assert limited.cookies[PLAIN_COOKIE][0], "the challenge is kept for after the wait"
     calls = [c for c in pool.calls_to("RespondToAuthChallenge")
              if c.body["ChallengeResponses"]["USERNAME"] == user.username]
     assert len(calls) == 2, "a limited answer costs no Cognito call"

@@ -17,6 +17,8 @@ from tests.support import base_env
     [
         ([], {"PORT": "not-a-port"}, "PORT"),
         ([], {"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
+        ([], {"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "master-name"),
+        (["--redis-url", "redis+sentinel://h:1,,h:2/m"], {}, "--redis-url"),
         (["--workers", "2"], {}, "REDIS_URL"),
         (["--host", "0.0.0.0"], {}, "CHAT_DEV_AUTH"),
     ],

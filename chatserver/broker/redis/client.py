@@ -1,37 +1,80 @@
-"""Redis clients from a URL: the one place that knows how we connect (Sentinel and
-Cluster modes slot in here), and how to stop a task that is inside redis-py."""
+"""Redis clients from a URL: the one place that knows how we connect (one node, or the
+primary Sentinel names, found again after a failover), and how to stop a task that is
+inside redis-py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from ...redis_urls import RedisTarget, parse_target
+
 POOL_SIZE = 32  # command connections per worker
 CANCEL_RETRY = 0.1  # seconds between cancellations of a task that has not stopped
+SENTINEL_TIMEOUT = 1.0  # seconds a sentinel may take to answer; the next one is asked then
 
 
 def command_client(url: str) -> aioredis.Redis:
     """Commands: a bounded pool (a burst of joins queues instead of opening hundreds of
     connections), a short retry, then the caller hears `unavailable`."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=POOL_SIZE,
-        timeout=5,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        health_check_interval=15,
-    )
+    options: dict[str, Any] = {
+        "max_connections": POOL_SIZE, "timeout": 5, "socket_connect_timeout": 2,
+        "socket_timeout": 5, "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        "health_check_interval": 15,
+    }
+    target = parse_target(url)
+    if target.mode == "sentinel":
+        client: aioredis.Redis = _sentinel(target).master_for(
+            target.master, redis_class=SentinelClient,
+            connection_pool_class=BlockingSentinelPool, **options)
+        return client
+    pool = BlockingConnectionPool.from_url(url, **options)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def pubsub_client(url: str) -> aioredis.Redis:
     """Pub/sub: no hidden retry; the listener owns reconnecting so it can replay gaps."""
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+    options: dict[str, Any] = {"socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
+    target = parse_target(url)
+    if target.mode == "sentinel":
+        sub: aioredis.Redis = _sentinel(target).master_for(
+            target.master, redis_class=SentinelClient, **options)
+        return sub
+    return aioredis.Redis.from_url(url, **options)
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The primary's connections through Sentinel, bounded like the one-node pool: a
+    caller past the bound waits for a connection instead of failing at once."""
+
+
+class SentinelClient(aioredis.Redis):
+    """A client of the primary that also closes the sentinel connections it asked."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
+
+
+def _sentinel(target: RedisTarget) -> Sentinel:
+    """Sentinels are asked in turn (a dead one costs SENTINEL_TIMEOUT); every new
+    connection asks for the primary's address, so a failover is followed on reconnect,
+    and a connection to a demoted primary (READONLY) is dropped by redis-py."""
+    return Sentinel(  # type: ignore[no-untyped-call]
+        list(target.nodes),
+        sentinel_kwargs={"socket_timeout": SENTINEL_TIMEOUT,
+                         "socket_connect_timeout": SENTINEL_TIMEOUT},
+        db=target.db, username=target.username, password=target.password,
+    )
 
 
 async def stop(task: asyncio.Task[None] | None) -> None:

@@ -1,10 +1,13 @@
 """REDIS_URL schemes, no process: one node, Sentinel and Cluster URLs read into targets,
-and every malformed one refused with a line that says what to write."""
+every malformed one refused with a line that says what to write, and the clients built."""
 
 from __future__ import annotations
 
 import pytest
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.sentinel import SentinelConnectionPool
 
+from chatserver.broker.redis.client import POOL_SIZE, command_client, pubsub_client
 from chatserver.config import ConfigError, load_settings
 from chatserver.redis_urls import RedisTarget, RedisUrlError, parse_target
 
@@ -63,3 +66,37 @@ def test_settings_accept_a_sentinel_url() -> None:
     url = "redis+sentinel://127.0.0.1:26379/mymaster"
     assert load_settings({"REDIS_URL": url}, env_file=None).redis_url == url
     assert load_settings({}, env_file=None, overrides={"redis_url": url}).redis_url == url
+
+
+async def test_sentinel_url_builds_clients_of_the_named_primary() -> None:
+    """Both clients of a Sentinel URL ask its sentinels for the master (no connection
+    is made here); the command pool stays bounded and blocking; closing closes all."""
+    url = "redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/3"
+    commands, sub = command_client(url), pubsub_client(url)
+    try:
+        for client in (commands, sub):
+            pool = client.connection_pool
+            assert isinstance(pool, SentinelConnectionPool) and pool.is_master
+            assert pool.service_name == "mymaster"
+            assert pool.connection_kwargs["db"] == 3
+            assert pool.connection_kwargs["password"] == "pw"
+            ports = [s.connection_pool.connection_kwargs["port"]
+                     for s in pool.sentinel_manager.sentinels]
+            assert sorted(ports) == [26379, 26380]
+        assert isinstance(commands.connection_pool, BlockingConnectionPool)
+        assert commands.connection_pool.max_connections == POOL_SIZE
+    finally:
+        await commands.aclose()
+        await sub.aclose()
+
+
+async def test_single_node_url_builds_plain_clients() -> None:
+    """redis:// stays one node, connected with the URL as given."""
+    commands = command_client("redis://127.0.0.1:6390/2")
+    try:
+        pool = commands.connection_pool
+        assert not isinstance(pool, SentinelConnectionPool)
+        assert isinstance(pool, BlockingConnectionPool)
+        assert (pool.connection_kwargs["port"], pool.connection_kwargs["db"]) == (6390, 2)
+    finally:
+        await commands.aclose()

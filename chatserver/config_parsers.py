@@ -26,8 +26,7 @@ class ConfigError(ValueError):
 def parse_redis_url(value: str, name: str) -> str:
     """A URL of one node, a Sentinel service or a cluster (redis_urls.parse_target)."""
     try:
-        if parse_target(value).mode == "cluster":
-            raise RedisUrlError("redis+cluster:// is not supported yet (issue 11)")
+        parse_target(value)
     except RedisUrlError as exc:
         shown = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)  # no password in logs
         raise ConfigError(f"{name}={shown!r}: {exc}") from None

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from chatserver.auth.dev import DevIssuer, new_private_key_pem
+from tests.cluster_support import ClusterDeployment, start_cluster_deployment
 from tests.sentinel_support import SentinelDeployment, start_sentinel_deployment
 from tests.support import RedisServer, ServerProcess, base_env, free_port
 
@@ -78,6 +79,23 @@ def make_sentinel(tmp_path: Path) -> Iterator[Callable[[], SentinelDeployment]]:
     yield make
     for deployment in started:
         deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_deployment(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ClusterDeployment]:
+    """Three primaries and three replicas for the session."""
+    deployment = start_cluster_deployment(tmp_path_factory.mktemp("cluster"))
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def cluster_url(cluster_deployment: ClusterDeployment) -> str:
+    """The session cluster's REDIS_URL, its primaries emptied for this test."""
+    cluster_deployment.flush()
+    return cluster_deployment.url
 
 
 @pytest.fixture(scope="session")

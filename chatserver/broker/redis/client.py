@@ -1,6 +1,6 @@
-"""Redis clients from a URL: the one place that knows how we connect (one node, or the
-primary Sentinel names, found again after a failover), and how to stop a task that is
-inside redis-py."""
+"""Redis clients from a URL: the one place that knows how we connect (one node, the
+primary Sentinel names, found again after a failover, or a Redis Cluster), and how to
+stop a task that is inside redis-py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ...redis_urls import RedisTarget, parse_target
@@ -20,8 +23,13 @@ POOL_SIZE = 32  # command connections per worker
 CANCEL_RETRY = 0.1  # seconds between cancellations of a task that has not stopped
 SENTINEL_TIMEOUT = 1.0  # seconds a sentinel may take to answer; the next one is asked then
 
+RedisClient = aioredis.Redis | RedisCluster  # what command_client returns
+# What a call may raise when Redis is unreachable or, on a cluster, a slot has no primary
+# while a replica is promoted (redis-py raises that outside RedisError).
+REDIS_FAILURES = (TimeoutError, RedisError, OSError, RedisClusterException)
 
-def command_client(url: str) -> aioredis.Redis:
+
+def command_client(url: str) -> RedisClient:
     """Commands: a bounded pool (a burst of joins queues instead of opening hundreds of
     connections), a short retry, then the caller hears `unavailable`."""
     options: dict[str, Any] = {
@@ -30,6 +38,8 @@ def command_client(url: str) -> aioredis.Redis:
         "health_check_interval": 15,
     }
     target = parse_target(url)
+    if target.mode == "cluster":
+        return cluster_client(target)
     if target.mode == "sentinel":
         client: aioredis.Redis = _sentinel(target).master_for(
             target.master, redis_class=SentinelClient,
@@ -37,6 +47,27 @@ def command_client(url: str) -> aioredis.Redis:
         return client
     pool = BlockingConnectionPool.from_url(url, **options)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+def cluster_client(target: RedisTarget) -> RedisCluster:
+    """Commands on a cluster: the slot map is read from the seed nodes and refreshed on
+    MOVED or a failed node; a command is retried a few times while a replica is promoted,
+    then the caller hears `unavailable`. (redis-py's cluster has no blocking pool: past
+    POOL_SIZE connections to one node a command fails instead of queueing.)"""
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username, password=target.password, max_connections=POOL_SIZE,
+        socket_connect_timeout=2, socket_timeout=5, require_full_coverage=True,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 3),
+    )
+
+
+def node_pubsub_client(target: RedisTarget, host: str, port: int) -> aioredis.Redis:
+    """Pub/sub on one cluster node (sharded channels live on the node owning their
+    slot); like pubsub_client, no hidden retry."""
+    return aioredis.Redis(host=host, port=port, username=target.username,
+                          password=target.password, socket_connect_timeout=2,
+                          retry=AsyncRetry(NoBackoff(), 0))
 
 
 def pubsub_client(url: str) -> aioredis.Redis:

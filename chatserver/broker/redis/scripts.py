@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from .client import RedisClient
 
 # KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
 # message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL
@@ -116,12 +117,13 @@ class Call:
 
 
 class Scripts:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient, *, sharded: bool = False) -> None:
+        """`sharded`: a cluster, where room channels are shard channels (SPUBLISH)."""
         self._client = client
-        self.publish = client.register_script(PUBLISH_LUA)
+        self.publish = client.register_script(_publishing(PUBLISH_LUA, sharded))
         self.history = client.register_script(HISTORY_LUA)
-        self.presence_join = client.register_script(PRESENCE_JOIN_LUA)
-        self.presence_leave = client.register_script(PRESENCE_LEAVE_LUA)
+        self.presence_join = client.register_script(_publishing(PRESENCE_JOIN_LUA, sharded))
+        self.presence_leave = client.register_script(_publishing(PRESENCE_LEAVE_LUA, sharded))
         self.presence_sweep = client.register_script(PRESENCE_SWEEP_LUA)
         self.members = client.register_script(MEMBERS_LUA)
         self._all = (self.publish, self.history, self.presence_join, self.presence_leave,
@@ -146,6 +148,16 @@ class Scripts:
         would first ask SCRIPT EXISTS: a second round trip on every batch.)"""
         async with self._client.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                # execute_command: a cluster pipeline refuses its evalsha() helper, but
+                # routes EVALSHA by its keys (every key of a call shares one slot).
+                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys,
+                                     *call.args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
+
+
+def _publishing(lua: str, sharded: bool) -> str:
+    """The script publishing to the room channel as a cluster needs: SPUBLISH reaches the
+    subscribers of the channel's shard only, where PUBLISH would be broadcast to every
+    node."""
+    return lua.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else lua

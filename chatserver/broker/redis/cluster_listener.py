@@ -88,15 +88,19 @@ class ClusterListener(Listener):
                 raise RedisConnectionError(f"no primary for {channel}")
             by_node.setdefault(node.name, (node, []))[1].append(channel)
         for name, (node, names) in by_node.items():
-            if name not in self._shards:
+            new = name not in self._shards
+            if new:
                 client = node_pubsub_client(self._target, node.host, int(node.port))
                 self._shards[name] = (client, client.pubsub())
-                await self._shards[name][1].ssubscribe(*names)
-                self._spawn_reader(self._shards[name][1])
-            else:
-                await self._shards[name][1].ssubscribe(*names)
+            pubsub = self._shards[name][1]
+            by_slot: dict[int, list[str]] = {}
             for channel in names:
+                by_slot.setdefault(self._cluster.keyslot(channel), []).append(channel)
                 self._room_node[channel] = name
+            for same_slot in by_slot.values():  # one SSUBSCRIBE may not span slots
+                await pubsub.ssubscribe(*same_slot)
+            if new:
+                self._spawn_reader(pubsub)
 
     def _spawn_reader(self, pubsub: PubSub) -> None:
         self._readers.append(asyncio.create_task(self._read(pubsub), name="redis-shard"))

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ...redis_urls import RedisTarget
-from .client import REDIS_FAILURES, node_pubsub_client
+from .client import REDIS_FAILURES, node_pubsub_client, stop
 from .keys import Keys
 from .listener import POLL, SILENCE_LIMIT, Listener, log
 from .users import UserShards
@@ -167,8 +167,7 @@ class ClusterListener(Listener):
     async def _drop_pubsub(self) -> None:
         readers, self._readers = self._readers, []
         for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+            await stop(task)  # redis-py may swallow one cancellation
         shards, self._shards = self._shards, {}
         self._room_node.clear()
         for client, pubsub in shards.values():

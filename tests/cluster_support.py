@@ -60,8 +60,13 @@ class ClusterDeployment:
 
     @staticmethod
     def _ok(node: RedisServer) -> bool:
+        """Its view of the cluster is whole, and a replica has synced (else it could not
+        be promoted)."""
         info = node.command("CLUSTER", "INFO")
-        return b"cluster_state:ok" in info and b"cluster_slots_ok:16384" in info
+        if b"cluster_state:ok" not in info or b"cluster_slots_ok:16384" not in info:
+            return False
+        replication = node.command("INFO", "replication")
+        return b"role:master" in replication or b"master_link_status:up" in replication
 
     def primaries(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None

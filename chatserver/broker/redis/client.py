@@ -54,12 +54,32 @@ def cluster_client(target: RedisTarget) -> RedisCluster:
     MOVED or a failed node; a command is retried a few times while a replica is promoted,
     then the caller hears `unavailable`. (redis-py's cluster has no blocking pool: past
     POOL_SIZE connections to one node a command fails instead of queueing.)"""
-    return RedisCluster(
+    return FailoverCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username, password=target.password, max_connections=POOL_SIZE,
         socket_connect_timeout=2, socket_timeout=5, require_full_coverage=True,
         retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 3),
     )
+
+
+class FailoverCluster(RedisCluster):
+    """RedisCluster that survives losing its default node. redis-py 8.1 re-reads its
+    command table from the default node on every re-initialization; when that node is
+    the primary that died, re-initializing fails until the dead node leaves the slot map,
+    which it does not while it is the default, so the client never recovers. The table
+    does not change with the topology: after the first read only the slot map is
+    re-read."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        if not (self._initialize and self.commands_parser.commands):
+            return await super().initialize(*args, **kwargs)
+        if not self._lock:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._initialize:
+                await self.nodes_manager.initialize(*args, **kwargs)
+                self._initialize = False
+        return self
 
 
 def node_pubsub_client(target: RedisTarget, host: str, port: int) -> aioredis.Redis:

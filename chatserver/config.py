@@ -82,7 +82,8 @@ class Settings:
     redis_url: str | None = setting(
         "REDIS_URL", None, "Redis for several workers/replicas: `redis://host:6379/0` "
         "(or `rediss://`) one node; `redis+sentinel://h1:26379,h2:26379/<master>[/db]` the "
-        "primary Sentinel names, failovers followed; unset: in-process broker, one worker",
+        "primary Sentinel names, failovers followed; `redis+cluster://h1:7000,h2:7001` a "
+        "Redis Cluster from seed nodes; unset: in-process broker, one worker",
         group=SERVER, parse=parse_redis_url, shown="unset",
         example="redis://127.0.0.1:6379/0")
     redis_prefix: str = setting(

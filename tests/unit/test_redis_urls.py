@@ -61,6 +61,14 @@ def test_settings_refuse_a_bad_url_in_one_line_without_the_password() -> None:
     assert "secret" not in message and "master-name" in message
 
 
+def test_cluster_prefix_may_not_pick_the_slot() -> None:
+    """On a cluster, a key prefix holding { or } is refused (it would pick the hash slot)."""
+    env = {"REDIS_URL": "redis+cluster://h1:7000", "CHAT_REDIS_PREFIX": "a{b}:"}
+    with pytest.raises(ConfigError, match="CHAT_REDIS_PREFIX"):
+        load_settings(env, env_file=None)
+    assert load_settings({**env, "REDIS_URL": "redis://h1"}, env_file=None)
+
+
 def test_settings_accept_a_sentinel_url() -> None:
     """A Sentinel URL is a valid REDIS_URL and --redis-url."""
     url = "redis+sentinel://127.0.0.1:26379/mymaster"

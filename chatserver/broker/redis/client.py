@@ -9,6 +9,7 @@ import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -80,6 +81,25 @@ class FailoverCluster(RedisCluster):
                 await self.nodes_manager.initialize(*args, **kwargs)
                 self._initialize = False
         return self
+
+
+def cluster_mode_refused(target: RedisTarget) -> str | None:
+    """At start-up, before any worker: why a cluster URL names no cluster (a seed node
+    answering with cluster mode off), or None. Unreachable seeds are no verdict: Redis
+    may come up after us, and the workers wait for it."""
+    for host, port in target.nodes:
+        client = SyncRedis(host=host, port=port, username=target.username,
+                           password=target.password, socket_timeout=1,
+                           socket_connect_timeout=1)
+        try:
+            enabled = client.info("cluster").get("cluster_enabled")
+        except RedisError:
+            continue
+        finally:
+            client.close()
+        if not enabled:
+            return f"{host}:{port} has cluster mode off: use redis:// for one node"
+    return None
 
 
 def node_pubsub_client(target: RedisTarget, host: str, port: int) -> aioredis.Redis:

@@ -182,6 +182,7 @@ async def test_primary_killed_under_load_loses_and_duplicates_nothing(
     acked: dict[str, list[str]] = {room: [] for room in ROOMS}
     first_ack_after: dict[str, float] = {}  # room -> seconds from the kill to its first
     refused: set[str] = set()  # ack after a refusal (rooms refused since the kill)
+    refusals: Counter[str] = Counter()
     killed, resumed = asyncio.Event(), asyncio.Event()  # resumed: another room acked again
     kill_time = 0.0
     stop = asyncio.Event()
@@ -192,6 +193,7 @@ async def test_primary_killed_under_load_loses_and_duplicates_nothing(
         if message_id is None:
             if killed.is_set():
                 refused.add(room)
+                refusals[room] += 1
         else:
             acked[room].append(message_id)
             if room in refused and room not in first_ack_after:
@@ -251,4 +253,5 @@ async def test_primary_killed_under_load_loses_and_duplicates_nothing(
         await client.stop()
     print(f"\n{type(target).__name__} failover: {len(refused)} rooms refused, promoted after {promoted_after:.2f}s, publishes resumed "
           f"after {resume:.2f}s (per room {first_ack_after}), outcomes {dict(outcomes)}, "
-          f"acked-but-lost {sum(len(v) for v in lost.values())}, readyz {dict(ready_seen)}")
+          f"acked-but-lost {sum(len(v) for v in lost.values())}, readyz {dict(ready_seen)}, "
+          f"refusals per room {dict(refusals)}")

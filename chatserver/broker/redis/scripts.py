@@ -1,16 +1,19 @@
 """The broker's Lua scripts, and running a batch of them: EVALSHA for each in one
-pipeline round trip, reloading the scripts on NOSCRIPT (a new or restarted Redis)."""
+pipeline round trip (one per primary on a cluster), reloading the scripts on NOSCRIPT (a
+new, restarted or promoted Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from .client import RedisClient
+from .client import REDIS_FAILURES, RedisClient
 
 # KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
 # message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL
@@ -131,12 +134,34 @@ class Scripts:
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
         """Each call's reply (or its error, as an exception object), in order. Raises
-        only when Redis cannot be reached."""
+        only when Redis cannot be reached. On a cluster, one pipeline per primary: a
+        shard without a primary fails its own calls only."""
+        if not isinstance(self._client, RedisCluster):
+            return await self._run_on(calls)
+        await self._client.initialize()  # the slot map: at first use, or after a failure
+        groups: dict[str, list[int]] = {}
+        results: list[Any] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            try:
+                node = self._client.get_node_from_key(call.keys[0])
+            except REDIS_FAILURES as exc:
+                results[i] = exc
+                continue
+            groups.setdefault(node.name if node else "", []).append(i)
+        replies = await asyncio.gather(
+            *(self._run_on([calls[i] for i in group]) for group in groups.values()),
+            return_exceptions=True)
+        for group, reply in zip(groups.values(), replies, strict=True):
+            for n, i in enumerate(group):
+                results[i] = reply if isinstance(reply, BaseException) else reply[n]
+        return results
+
+    async def _run_on(self, calls: Sequence[Call]) -> list[Any]:
         results = await self._pipeline(calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Those entries did not run (a script is all or nothing): load, run just those.
-            for script in self._all:
+            for script in self._all:  # on a cluster: on every primary that answers
                 await self._client.script_load(script.script)
             again = await self._pipeline([calls[i] for i in missing])
             for i, result in zip(missing, again, strict=True):

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -27,7 +26,7 @@ from .auth.tokens import TokenVerifier
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
-from .broker.redis.client import command_client
+from .broker.redis.client import RedisClient, command_client
 from .chat import ChatService, Limits
 from .config import Settings
 from .counters import HitCounter, MemoryHitCounter, RedisHitCounter
@@ -171,7 +170,7 @@ def _make_broker(settings: Settings, instance: str, metrics: Metrics) -> Broker:
 async def _auth_service(
     settings: Settings,
     session: aiohttp.ClientSession,
-    store: aioredis.Redis | None,
+    store: RedisClient | None,
     metrics: Metrics,
 ) -> AuthService:
     hits: HitCounter = (
@@ -224,7 +223,7 @@ async def _auth_service(
                        challenges=challenges)
 
 
-async def _dev_key(settings: Settings, store: aioredis.Redis | None) -> bytes:
+async def _dev_key(settings: Settings, store: RedisClient | None) -> bytes:
     """Every worker and replica must sign with one key: file, else Redis, else a new one."""
     if settings.dev_key_file:
         return Path(settings.dev_key_file).read_bytes()  # noqa: ASYNC240 - one small file, once at start-up

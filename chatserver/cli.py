@@ -23,9 +23,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .broker.redis.client import cluster_mode_refused
 from .config import ConfigError, Settings, load_settings
 from .config import warnings as config_warnings
 from .observability import setup_logging
+from .redis_urls import parse_target
 
 log = logging.getLogger("chatserver")
 
@@ -57,12 +59,23 @@ def _port(value: str) -> int:
     return port
 
 
+def _check_cluster(url: str | None) -> None:
+    """A cluster URL pointed at a node with cluster mode off stops start-up (ConfigError)."""
+    target = parse_target(url) if url else None
+    if target is not None and target.mode == "cluster":
+        refused = cluster_mode_refused(target)
+        if refused is not None:
+            raise ConfigError(f"REDIS_URL (or --redis-url): {refused}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = {"host": args.host, "port": args.port, "workers": args.workers,
                  "redis_url": args.redis_url}
     try:
         settings = load_settings(env_file=Path(args.env_file), overrides=overrides)
+        if not os.environ.get(WORKER_ENV):  # once, in the command, not in every worker
+            _check_cluster(settings.redis_url)
     except ConfigError as exc:
         print(f"chatserver: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -80,8 +80,11 @@ class Settings:
     workers: int = setting(None, 1, "worker processes (--workers)")
     port: int = setting("PORT", DEFAULT_PORT, "listening port", group=SERVER, low=1, high=65535)
     redis_url: str | None = setting(
-        "REDIS_URL", None, "Redis for several workers/replicas; unset: in-process broker, "
-        "one worker", group=SERVER, parse=parse_redis_url, shown="unset",
+        "REDIS_URL", None, "Redis for several workers/replicas: `redis://host:6379/0` "
+        "(or `rediss://`) one node; `redis+sentinel://h1:26379,h2:26379/<master>[/db]` the "
+        "primary Sentinel names, failovers followed; `redis+cluster://h1:7000,h2:7001` a "
+        "Redis Cluster from seed nodes; unset: in-process broker, one worker",
+        group=SERVER, parse=parse_redis_url, shown="unset",
         example="redis://127.0.0.1:6379/0")
     redis_prefix: str = setting(
         "CHAT_REDIS_PREFIX", "chat:", "Redis key prefix; give each deployment sharing a "

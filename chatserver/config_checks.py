@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 from .config_parsers import POOL_ID, ConfigError
 from .permissions import load_rules
+from .redis_urls import parse_target
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -26,6 +27,10 @@ def checked(settings: Settings) -> Settings:
             f"--workers {settings.workers} needs REDIS_URL (or --redis-url): "
             "workers share broadcasts through Redis"
         )
+    cluster = settings.redis_url and parse_target(settings.redis_url).mode == "cluster"
+    if cluster and ("{" in settings.redis_prefix or "}" in settings.redis_prefix):
+        raise ConfigError(f"CHAT_REDIS_PREFIX={settings.redis_prefix!r}: on a cluster it may "
+                          "not hold { or }, which pick a key's hash slot")
     if not settings.dev_auth and not settings.cognito_client_id:
         raise ConfigError("AWS_COGNITO_CLIENT_ID is required when AWS_COGNITO_USER_POOL_ID is set")
     if settings.cognito_pool_id:

@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from .redis_urls import RedisUrlError, parse_target
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -22,16 +24,12 @@ class ConfigError(ValueError):
 
 
 def parse_redis_url(value: str, name: str) -> str:
-    parsed = urlparse(value)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{name}={value!r}: expected redis://host:port/db, rediss:// or unix://")
-    if parsed.scheme != "unix":
-        if not parsed.hostname:
-            raise ConfigError(f"{name}={value!r}: no host")
-        try:
-            parsed.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ConfigError(f"{name}={value!r}: bad port") from None
+    """A URL of one node, a Sentinel service or a cluster (redis_urls.parse_target)."""
+    try:
+        parse_target(value)
+    except RedisUrlError as exc:
+        shown = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)  # no password in logs
+        raise ConfigError(f"{name}={shown!r}: {exc}") from None
     return value
 
 

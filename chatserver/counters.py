@@ -10,8 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from .broker.redis.client import REDIS_FAILURES, RedisClient
 
 MAX_MEMORY_KEYS = 100_000  # past this, keys of older windows are dropped
 
@@ -71,7 +70,7 @@ class MemoryHitCounter:
 
 class RedisHitCounter:
     def __init__(
-        self, client: aioredis.Redis, prefix: str, clock: Callable[[], float] = time.time
+        self, client: RedisClient, prefix: str, clock: Callable[[], float] = time.time
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -102,5 +101,5 @@ class RedisHitCounter:
     async def _call(self, awaitable: Any) -> Any:  # redis-py types its replies loosely
         try:
             return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise CounterUnavailable(f"redis counter: {type(exc).__name__}") from None

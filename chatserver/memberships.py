@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
 
 from .broker.base import BrokerUnavailable
+from .broker.redis.client import REDIS_FAILURES, RedisClient
 
 ROLES = ("read", "write")
 MAX_PAGE = 500
@@ -74,9 +74,12 @@ class MemoryMemberships:
 
 
 class RedisMemberships:
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self._client = client
         self._prefix = prefix
+        # A room's grants and a user's index live in two slots on a cluster, where MULTI
+        # cannot span them: there the room's hash (which decides) is written first.
+        self._atomic = not isinstance(client, RedisCluster)
 
     def _room_key(self, room: str) -> str:
         return f"{self._prefix}grants:{room}"
@@ -89,13 +92,13 @@ class RedisMemberships:
         return value.decode() if value else None
 
     async def grant(self, room: str, sub: str, role: str) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=self._atomic) as pipe:
             pipe.hset(self._room_key(room), sub, role)
             pipe.hset(self._user_key(sub), room, role)
             await self._call(pipe.execute())
 
     async def revoke(self, room: str, sub: str) -> bool:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=self._atomic) as pipe:
             pipe.hdel(self._room_key(room), sub)
             pipe.hdel(self._user_key(sub), room)
             removed, _ = await self._call(pipe.execute())
@@ -114,5 +117,5 @@ class RedisMemberships:
     async def _call(self, awaitable: Any) -> Any:  # redis-py types its replies loosely
         try:
             return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise MembershipsUnavailable(f"redis memberships: {type(exc).__name__}") from None

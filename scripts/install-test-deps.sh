@@ -7,6 +7,9 @@ set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+# redis-cli --cluster create builds the tests' Redis Cluster (Debian: redis-tools, which
+# redis-server depends on; named in case only the server was installed some other way).
+command -v redis-cli >/dev/null || [ -x /usr/bin/redis-cli ] || missing+=(redis-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # tests/e2e/test_browser.py drives this path
 # Debian splits venv's pip bootstrap out of python3; the Makefile's .venv needs it.

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 
 from chatserver.auth.dev import DevIssuer, new_private_key_pem
+from tests.cluster_support import ClusterDeployment, start_cluster_deployment
+from tests.sentinel_support import SentinelDeployment, start_sentinel_deployment
 from tests.support import RedisServer, ServerProcess, base_env, free_port
 
 
@@ -44,6 +46,56 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_deployment(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SentinelDeployment]:
+    """One primary, replica and three sentinels for the session; tests that fail it over
+    use make_sentinel instead."""
+    deployment = start_sentinel_deployment(tmp_path_factory.mktemp("sentinel"))
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def sentinel_url(sentinel_deployment: SentinelDeployment) -> str:
+    """The session Sentinel deployment's REDIS_URL, its primary emptied for this test."""
+    sentinel_deployment.flush()
+    return sentinel_deployment.url
+
+
+@pytest.fixture
+def make_sentinel(tmp_path: Path) -> Iterator[Callable[[], SentinelDeployment]]:
+    """Factory: a Sentinel deployment of this test's own, stopped at teardown."""
+    started: list[SentinelDeployment] = []
+
+    def make() -> SentinelDeployment:
+        deployment = start_sentinel_deployment(tmp_path / f"sentinel-{len(started)}")
+        started.append(deployment)
+        return deployment
+
+    yield make
+    for deployment in started:
+        deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_deployment(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ClusterDeployment]:
+    """Three primaries and three replicas for the session."""
+    deployment = start_cluster_deployment(tmp_path_factory.mktemp("cluster"))
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def cluster_url(cluster_deployment: ClusterDeployment) -> str:
+    """The session cluster's REDIS_URL, its primaries emptied for this test."""
+    cluster_deployment.flush()
+    return cluster_deployment.url
 
 
 @pytest.fixture(scope="session")

@@ -85,9 +85,21 @@ def redis_backend(request: pytest.FixtureRequest) -> Backend:
     return Backend("redis", redis_at(request.getfixturevalue("redis_url")), shared=True)
 
 
+def sentinel_backend(request: pytest.FixtureRequest) -> Backend:
+    """The primary of a Sentinel deployment (primary, replica, three sentinels)."""
+    return Backend("sentinel", redis_at(request.getfixturevalue("sentinel_url")), shared=True)
+
+
+def cluster_backend(request: pytest.FixtureRequest) -> Backend:
+    """A Redis Cluster of three primaries, three replicas: rooms on shard channels."""
+    return Backend("cluster", redis_at(request.getfixturevalue("cluster_url")), shared=True)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "memory": memory_backend,
     "redis": redis_backend,
+    "sentinel": sentinel_backend,
+    "cluster": cluster_backend,
 }
 
 

@@ -8,11 +8,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
 
 from ...protocol import MESSAGE_PREFIX, message_frame, parse_id
+from ...redis_urls import parse_target
 from ..base import Broker, BrokerUnavailable, Member, Replay, Sink
-from .client import command_client, pubsub_client
+from .client import REDIS_FAILURES, command_client, pubsub_client
+from .cluster_listener import ClusterListener
 from .keys import Keys
 from .listener import Listener
 from .outbox import Outbox
@@ -39,19 +41,24 @@ class RedisBroker(Broker):
     ) -> None:
         self._maxlen = history_maxlen
         self._room_ttl = room_ttl  # seconds; 0: room keys never expire
+        target = parse_target(url)
+        sharded = target.mode == "cluster"
         self._redis = command_client(url)
-        self._sub_redis = pubsub_client(url)
-        self._keys = Keys(prefix)
-        self._scripts = Scripts(self._redis)
+        self._keys = Keys(prefix, sharded=sharded)
+        self._scripts = Scripts(self._redis, sharded=sharded)
         self._outbox = Outbox(self._scripts)
         self._users = UserShards()
         self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
-        self._listener = Listener(
-            self._sub_redis, self._redis, self._keys, instance, self._users,
-            on_connecting=self._epochs.clear,
-            on_reconnect=on_reconnect or _nothing,
-            on_listener_restart=on_listener_restart or _nothing,
-        )
+        hooks: dict[str, Callable[[], None]] = {
+            "on_connecting": self._epochs.clear, "on_reconnect": on_reconnect or _nothing,
+            "on_listener_restart": on_listener_restart or _nothing}
+        self._listener: Listener
+        if isinstance(self._redis, RedisCluster):
+            self._listener = ClusterListener(target, self._redis, self._keys, instance,
+                                             self._users, **hooks)
+        else:
+            self._listener = Listener(pubsub_client(url), self._redis, self._keys, instance,
+                                      self._users, **hooks)
         self._presence = Presence(
             self._redis, self._keys, self._scripts, self._outbox,
             instance=instance, ttl=presence_ttl, event_limit=presence_event_limit,
@@ -65,9 +72,8 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         await self._presence.close()  # queues this worker's leaves...
         await self._outbox.close()  # ...and sends them
-        await self._listener.close()
+        await self._listener.close()  # closes its pub/sub clients
         await self._redis.aclose()
-        await self._sub_redis.aclose()
 
     @property
     def connected(self) -> bool:
@@ -83,11 +89,18 @@ class RedisBroker(Broker):
         return future
 
     async def publish_event(self, room: str, payload: bytes) -> None:
-        await _call("publish", self._redis.publish(self._keys.room_channel(room), payload))
+        channel = self._keys.room_channel(room)
+        if self._keys.sharded:
+            await _call("spublish", self._redis.spublish(channel, payload))
+        else:
+            await _call("publish", self._redis.publish(channel, payload))
 
     async def send_user(self, sub: str, payload: bytes) -> None:
         channel = self._keys.user_channel(user_shard(sub))
-        await _call("publish", self._redis.publish(channel, envelope(sub, payload)))
+        if self._keys.sharded:
+            await _call("spublish", self._redis.spublish(channel, envelope(sub, payload)))
+        else:
+            await _call("publish", self._redis.publish(channel, envelope(sub, payload)))
 
     # ------------------------------------------------------------ subscriptions
 
@@ -182,7 +195,7 @@ async def _call(what: str, pending: Awaitable[Any]) -> Any:
     `unavailable`). Replies are typed loosely by redis-py, hence Any."""
     try:
         return await pending
-    except (TimeoutError, RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         raise BrokerUnavailable(f"redis {what} failed: {type(exc).__name__}") from None
 
 

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from ...protocol import message_frame, message_id_of, parse_id
 from ..base import Sink
-from .client import stop
+from .client import REDIS_FAILURES, RedisClient, stop
 from .keys import Keys
 from .users import UserShards, open_envelope
 
@@ -34,7 +34,7 @@ class Listener:
     def __init__(
         self,
         client: aioredis.Redis,
-        commands: aioredis.Redis,
+        commands: RedisClient,
         keys: Keys,
         instance: str,
         users: UserShards,
@@ -84,6 +84,7 @@ class Listener:
         await stop(self._task)
         await stop(self._subscriber)
         await self._drop_pubsub()
+        await self._client.aclose()
 
     # ------------------------------------------------------------ subscriptions
 
@@ -117,7 +118,7 @@ class Listener:
                     await pubsub.subscribe(*on)
                 if off:
                     await pubsub.unsubscribe(*off)
-            except (RedisError, OSError):
+            except REDIS_FAILURES:
                 return  # the listener sees the same failure and resubscribes
 
     # ------------------------------------------------------------ the connection
@@ -126,7 +127,7 @@ class Listener:
         while not self._closing:
             try:
                 await self._listen_once()
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 if self._connected:
                     log.warning("redis pub/sub connection lost: %s", type(exc).__name__)
                 self._on_reconnect()
@@ -176,12 +177,12 @@ class Listener:
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         channel: bytes = msg["channel"] if msg.get("channel") is not None else b""
-        if kind == "message":
+        if kind in ("message", "smessage"):
             if (room := self._keys.room_of(channel)) is not None:
                 self._deliver_room(room, msg["data"])
             elif self._keys.shard_of(channel) is not None:
                 self._deliver_user(msg["data"])
-        elif kind == "subscribe":
+        elif kind in ("subscribe", "ssubscribe"):
             if (room := self._keys.room_of(channel)) is not None:
                 await self._catch_up(room)
             elif (shard := self._keys.shard_of(channel)) is not None:

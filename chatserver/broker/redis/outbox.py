@@ -8,10 +8,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
-
 from ..base import BrokerUnavailable
-from .client import stop
+from .client import REDIS_FAILURES, stop
 from .scripts import Call, Scripts
 
 PUBLISH_BATCH = 256  # calls per pipeline round trip
@@ -62,7 +60,7 @@ class Outbox:
             batch, self._queue = self._queue[:PUBLISH_BATCH], self._queue[PUBLISH_BATCH:]
             try:
                 results = await self._scripts.run([call for call, _, _ in batch])
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 failure = BrokerUnavailable(f"redis call failed: {type(exc).__name__}")
                 results = [failure] * len(batch)
             for (_, future, convert), result in zip(batch, results, strict=True):

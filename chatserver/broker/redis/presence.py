@@ -10,12 +10,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from ... import protocol
 from ..base import Member
-from .client import stop
+from .client import REDIS_FAILURES, RedisClient, stop
 from .keys import Keys
 from .outbox import Outbox
 from .scripts import Call, Scripts
@@ -26,7 +23,7 @@ log = logging.getLogger(__name__)
 class Presence:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         keys: Keys,
         scripts: Scripts,
         outbox: Outbox,
@@ -103,7 +100,7 @@ class Presence:
             await asyncio.sleep(self._ttl / 3)
             try:
                 await self._refresh_once()
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.debug("presence refresh failed: %s", type(exc).__name__)
 
     async def _refresh_once(self) -> None:

@@ -1,15 +1,19 @@
 """The broker's Lua scripts, and running a batch of them: EVALSHA for each in one
-pipeline round trip, reloading the scripts on NOSCRIPT (a new or restarted Redis)."""
+pipeline round trip (one per primary on a cluster), reloading the scripts on NOSCRIPT (a
+new, restarted or promoted Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from .client import REDIS_FAILURES, RedisClient
 
 # KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
 # message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL
@@ -116,12 +120,13 @@ class Call:
 
 
 class Scripts:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient, *, sharded: bool = False) -> None:
+        """`sharded`: a cluster, where room channels are shard channels (SPUBLISH)."""
         self._client = client
-        self.publish = client.register_script(PUBLISH_LUA)
+        self.publish = client.register_script(_publishing(PUBLISH_LUA, sharded))
         self.history = client.register_script(HISTORY_LUA)
-        self.presence_join = client.register_script(PRESENCE_JOIN_LUA)
-        self.presence_leave = client.register_script(PRESENCE_LEAVE_LUA)
+        self.presence_join = client.register_script(_publishing(PRESENCE_JOIN_LUA, sharded))
+        self.presence_leave = client.register_script(_publishing(PRESENCE_LEAVE_LUA, sharded))
         self.presence_sweep = client.register_script(PRESENCE_SWEEP_LUA)
         self.members = client.register_script(MEMBERS_LUA)
         self._all = (self.publish, self.history, self.presence_join, self.presence_leave,
@@ -129,12 +134,34 @@ class Scripts:
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
         """Each call's reply (or its error, as an exception object), in order. Raises
-        only when Redis cannot be reached."""
+        only when Redis cannot be reached. On a cluster, one pipeline per primary: a
+        shard without a primary fails its own calls only."""
+        if not isinstance(self._client, RedisCluster):
+            return await self._run_on(calls)
+        await self._client.initialize()  # the slot map: at first use, or after a failure
+        groups: dict[str, list[int]] = {}
+        results: list[Any] = [None] * len(calls)
+        for i, call in enumerate(calls):
+            try:
+                node = self._client.get_node_from_key(call.keys[0])
+            except REDIS_FAILURES as exc:
+                results[i] = exc
+                continue
+            groups.setdefault(node.name if node else "", []).append(i)
+        replies = await asyncio.gather(
+            *(self._run_on([calls[i] for i in group]) for group in groups.values()),
+            return_exceptions=True)
+        for group, reply in zip(groups.values(), replies, strict=True):
+            for n, i in enumerate(group):
+                results[i] = reply if isinstance(reply, BaseException) else reply[n]
+        return results
+
+    async def _run_on(self, calls: Sequence[Call]) -> list[Any]:
         results = await self._pipeline(calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Those entries did not run (a script is all or nothing): load, run just those.
-            for script in self._all:
+            for script in self._all:  # on a cluster: on every primary that answers
                 await self._client.script_load(script.script)
             again = await self._pipeline([calls[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
@@ -146,6 +173,16 @@ class Scripts:
         would first ask SCRIPT EXISTS: a second round trip on every batch.)"""
         async with self._client.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                # execute_command: a cluster pipeline refuses its evalsha() helper, but
+                # routes EVALSHA by its keys (every key of a call shares one slot).
+                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys,
+                                     *call.args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
+
+
+def _publishing(lua: str, sharded: bool) -> str:
+    """The script publishing to the room channel as a cluster needs: SPUBLISH reaches the
+    subscribers of the channel's shard only, where PUBLISH would be broadcast to every
+    node."""
+    return lua.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else lua

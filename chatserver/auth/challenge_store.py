@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from ..broker.redis.client import REDIS_FAILURES, RedisClient
 
 MAX_MEMORY_PENDING = 100_000  # past this, the oldest pending challenges are dropped
 
@@ -80,7 +79,7 @@ class MemoryChallengeStore:
 
 
 class RedisChallengeStore:
-    def __init__(self, client: aioredis.Redis, prefix: str,
+    def __init__(self, client: RedisClient, prefix: str,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._prefix = prefix
@@ -107,5 +106,5 @@ class RedisChallengeStore:
     async def _call(self, awaitable: Any) -> Any:  # redis-py types its replies loosely
         try:
             return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise ChallengeStoreUnavailable(f"redis challenges: {type(exc).__name__}") from None

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..broker.redis.client import pubsub_client, stop
+from ..broker.redis.client import REDIS_FAILURES, RedisClient, pubsub_client, stop
 from .tokens import User
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class RedisDenylist:
     """Sorted sets `<prefix>revoked-jti` (score: exp) and `<prefix>not-before` (score:
     the time), and the channel `<prefix>revocations`. One listener task per worker."""
 
-    def __init__(self, store: aioredis.Redis, url: str, prefix: str,
+    def __init__(self, store: RedisClient, url: str, prefix: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.mirror = Mirror(clock)
         self.refuses = self.mirror.refuses
@@ -149,7 +148,7 @@ class RedisDenylist:
         self.mirror.add(kind, key, when)
         try:
             await self._store_and_publish(kind, key, when)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("revocation not shared yet (%s); retrying", type(exc).__name__)
             task = asyncio.create_task(self._retry(kind, key, when), name="denylist-retry")
             self._retries.add(task)
@@ -161,8 +160,9 @@ class RedisDenylist:
         async with self._store.pipeline(transaction=False) as pipe:
             pipe.zadd(self._keys[kind], {key: when}, gt=True)
             pipe.zremrangebyscore(self._keys[kind], "-inf", stale)
-            pipe.publish(self._channel, encode(kind, key, when))
             await pipe.execute()
+        # Not in the pipeline: a cluster's refuses PUBLISH (it has no key to route by).
+        await self._store.publish(self._channel, encode(kind, key, when))
 
     async def _retry(self, kind: bytes, key: str, when: float) -> None:
         deadline, pause = time.monotonic() + RETRY_FOR, 0.5
@@ -172,7 +172,7 @@ class RedisDenylist:
                 await self._store_and_publish(kind, key, when)
                 log.info("revocation shared after Redis came back")
                 return
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_FAILURES:
                 pause = min(pause * 2, 5.0)
         log.error("a revocation never reached Redis in %.0f s: other workers accept the "
                   "token until it expires", RETRY_FOR)
@@ -189,10 +189,10 @@ class RedisDenylist:
     async def _listen(self) -> None:
         """Subscribe, then load (so nothing published in between is missed), then apply
         broadcasts until the connection drops; then again, with backoff."""
-        client = pubsub_client(self._url)
         pause = 0.1
-        try:
-            while True:
+        while True:
+            client = pubsub_client(self._url)  # anew each time: on a cluster, another node
+            try:
                 pubsub = client.pubsub()
                 try:
                     await pubsub.subscribe(self._channel)
@@ -206,17 +206,17 @@ class RedisDenylist:
                             await pubsub.ping()  # a quiet channel: is the connection alive?
                         elif message.get("type") == "message":
                             self.mirror.apply(message["data"])
-                except (RedisError, OSError, TimeoutError) as exc:
+                except REDIS_FAILURES as exc:
                     log.warning("denylist listener lost Redis (%s); reloading in %.1f s",
                                 type(exc).__name__, pause)
                 finally:
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     async def _load(self) -> None:
         now = self._clock()

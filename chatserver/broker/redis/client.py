@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -118,7 +119,17 @@ def pubsub_client(url: str) -> aioredis.Redis:
         sub: aioredis.Redis = _sentinel(target).master_for(
             target.master, redis_class=SentinelClient, **options)
         return sub
+    if target.mode == "cluster":
+        # Classic PUBLISH on a cluster reaches every node, so one node serves a listener
+        # of broadcasts (the denylist's; rooms use shard channels, cluster_listener.py).
+        # Each call takes the next seed: a listener that reconnects moves off a dead one.
+        host, port = target.nodes[next(_seeds) % len(target.nodes)]
+        return aioredis.Redis(host=host, port=port, username=target.username,
+                              password=target.password, **options)
     return aioredis.Redis.from_url(url, **options)
+
+
+_seeds = itertools.count()
 
 
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):

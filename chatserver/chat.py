@@ -124,7 +124,8 @@ class ChatService:
             if conn.strikes > self.limits.flood_strikes:
                 conn.kick(FLOODING)
             else:
-                conn.send(protocol.error(RATE_LIMITED, "slow down"))
+                ref, room = self._about(data)
+                conn.send(protocol.error(RATE_LIMITED, "slow down", ref, room))
             return
         conn.strikes = 0
         try:
@@ -148,6 +149,16 @@ class ChatService:
         except BrokerUnavailable:
             detail = "not done: the message broker is unavailable"
             conn.send(protocol.error(UNAVAILABLE, detail, command.ref, command.room))
+
+    def _about(self, data: str) -> tuple[str | None, str | None]:
+        """The ref and room of a frame refused before it was acted on, so the client can
+        tell which command the refusal answers (a refusal run ends in a kick, so this
+        parse is bounded by CHAT_BURST frames)."""
+        try:
+            command = parse_client_frame(data, max_text_chars=self.limits.max_text_chars)
+        except ProtocolError as exc:
+            return exc.ref, exc.room
+        return command.ref, command.room
 
     def publish(self, conn: Connection, command: Publish) -> None:
         """Hand the message to the broker and go on reading; the outcome comes back as

@@ -263,8 +263,11 @@ async def test_flooding_is_refused_then_closed_1008(chat: Chat) -> None:
     alice = await chat.connect("alice", rate=0.001, burst=1)
     sent(alice)
     await chat.send(alice, message="one")
-    codes = [(await chat.send(alice, message="x"))[0]["code"] for _ in range(3)]
-    assert codes == ["rate_limited"] * 3 and not chat.kicked
+    codes = [(await chat.send(alice, message="x"))[0]["code"] for _ in range(2)]
+    assert codes == ["rate_limited"] * 2 and not chat.kicked
+    refused = await chat.send(alice, type="publish", room="lobby", message="x", ref="p9")
+    assert (refused[0]["code"], refused[0]["ref"], refused[0]["room"]) == (
+        "rate_limited", "p9", "lobby"), "the refusal names the publish it refuses"
     await chat.send(alice, message="x")
     assert chat.kicked == [alice] and alice.close == protocol.FLOODING
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RedisServer, free_port, scaled, wait_for
+from tests.support import RedisServer, free_port, scaled, started, wait_for
 
 NODE_TIMEOUT_MS = 2000  # how soon a dead primary's replica is promoted
 BUS_OFFSET = 10000  # Redis puts a node's cluster bus on its port + 10000
@@ -82,10 +82,4 @@ class ClusterDeployment:
 
 
 def start_cluster_deployment(workdir: Path) -> ClusterDeployment:
-    deployment = ClusterDeployment(workdir)
-    try:
-        deployment.start()
-    except BaseException:
-        deployment.stop()
-        raise
-    return deployment
+    return started(ClusterDeployment(workdir))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RedisServer, free_port, stop_process, wait_for
+from tests.support import RedisServer, free_port, started, stop_process, wait_for
 
 MASTER = "chatmaster"
 DOWN_AFTER_MS = 1000
@@ -143,11 +143,5 @@ class SentinelDeployment:
 
 
 def start_sentinel_deployment(workdir: Path) -> SentinelDeployment:
-    deployment = SentinelDeployment(workdir)
-    try:
-        deployment.start()
-    except BaseException:
-        deployment.stop()
-        raise
-    return deployment
+    return started(SentinelDeployment(workdir))
 

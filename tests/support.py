@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -56,6 +56,27 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 # ------------------------------------------------------------------- redis
+
+
+class Deployment(Protocol):
+    """A set of servers started and stopped together (a cluster, a Sentinel set)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+D = TypeVar("D", bound=Deployment)
+
+
+def started(deployment: D) -> D:
+    """Start it; if that fails half way, stop whatever did start before raising."""
+    try:
+        deployment.start()
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
 
 
 class RedisServer:

@@ -125,6 +125,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await runner.setup()
     loop = asyncio.get_running_loop()
     listener: asyncio.Server | None = None
+    closing: asyncio.Task[None] | None = None
     try:
         assert runner.server is not None  # made by setup()
         guard = HeadGuard(runner.server, timeout=settings.head_timeout,
@@ -137,15 +138,18 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        # Refuse upgrades (503: a proxy retries them elsewhere) but keep accepting a
-        # moment, so connections already in the accept queue are answered, not reset.
+        # Close every socket 1001 now, so its client reconnects to another instance at
+        # once, and refuse upgrades (503: a proxy retries them elsewhere); keep accepting
+        # a moment, so connections already in the accept queue are answered, not reset.
         log.info("draining: closing sockets with 1001")
-        app[ENDPOINT].draining.set()
+        closing = asyncio.create_task(app[ENDPOINT].drain())
         await asyncio.sleep(min(ACCEPT_WHILE_DRAINING, settings.grace / 4))
     finally:
         if listener is not None:
             listener.close()
-        await runner.cleanup()  # on_shutdown: every socket closed 1001, within CHAT_GRACE
+        await runner.cleanup()  # on_shutdown: the drain again, done within CHAT_GRACE
+        if closing is not None:
+            await closing
 
 
 # --------------------------------------------------------------- supervisor

@@ -172,3 +172,43 @@ def test_wrong_private_key_is_explained(make_server: Callable[..., ServerProcess
                             "--private-key", str(other), timeout=15)
     assert code == 1
     assert "CHAT_DEV_KEY_FILE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_storm_every_client_of_a_stopped_instance_resumes_with_nothing_lost(
+        make_server: Callable[..., ServerProcess], redis_url: str, dev_key_file: Path) -> None:
+    """storm: two instances on one Redis, clients in rooms on both; SIGTERM one: each of its
+    clients reconnects to the other and resumes its room, and every member ends holding
+    every message its room stored, once."""
+    env = {"CHAT_DEV_KEY_FILE": str(dev_key_file)}
+    survivor = make_server(redis_url=redis_url, env=env)
+    stopped = make_server(redis_url=redis_url, env=env)
+    code, result, err = loadtest(
+        "storm", "--url", survivor.url, "--url", stopped.url, "--clients", "60", "--rooms", "6",
+        "--rate", "4", "--warmup", "1", "--after", "1", "--resume-timeout", "20",
+        "--stop-pid", str(stopped.pid), "--private-key", str(dev_key_file), "--procs", "2",
+        timeout=60)
+    assert code == 0, err
+    assert result is not None and result["ok"], result["failures"]
+    storm = result["storm"]
+    assert stopped.proc is not None and stopped.proc.wait(timeout=scaled(10)) == 0
+    assert storm["drops_by_close_code"] == {"1001": 30}  # the clients of the stopped one
+    assert storm["resumed"] == 30 and storm["unresumed"] == 0
+    assert storm["incomplete_resumes"] == 0 and storm["timed_out"] == 0
+    assert 0 < storm["resumed_99pct_s"] <= storm["resumed_100pct_s"]
+    assert storm["reconnect_attempts"]["resumed"] == 30
+    assert result["lost"] == 0 and result["duplicates"] == 0
+    # Every member holds its room's stored messages: 10 members a room, each room stored some.
+    assert result["accepted"] > 6 and result["deliveries"] == result["expected"]
+    assert result["expected"] == 10 * result["accepted"]
+    assert_ordered(storm["survivor_latency_ms"])
+
+
+def test_storm_names_what_to_stop() -> None:
+    """storm without --stop-pid/--stop-cmd, or with one URL, is a usage error (exit 2)."""
+    proc = subprocess.run([sys.executable, "-m", "chatserver.loadtest.cli", "storm"],
+                          capture_output=True, text=True, timeout=scaled(15), cwd=ROOT)
+    assert proc.returncode == 2 and "--stop-pid" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "chatserver.loadtest.cli", "storm",
+                           "--stop-pid", "1", "--url", "http://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=scaled(15), cwd=ROOT)
+    assert proc.returncode == 2 and "two or more --url" in proc.stderr

@@ -86,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rate", type=float, default=1.0, help="messages/s per client (1)")
     chat.add_argument("--duration", type=float, default=10.0, help="seconds of sending (10)")
     chat.add_argument("--size", type=int, default=0, help="pad message texts to this length")
+    storm = scenario("storm", "clients in rooms on several URLs; one server is stopped and its "
+                              "clients reconnect and resume: time to resume, loss, latency")
+    storm.add_argument("--rooms", type=int, default=20, help="rooms, one publisher each (20)")
+    storm.add_argument("--rate", type=float, default=1.0, help="messages/s per room (1)")
+    storm.add_argument("--size", type=int, default=0, help="pad message texts to this length")
+    storm.add_argument("--warmup", type=float, default=3.0,
+                       help="seconds of traffic before the server is stopped (3)")
+    storm.add_argument("--after", type=float, default=2.0,
+                       help="seconds of traffic after every dropped client resumed (2)")
+    stop = storm.add_mutually_exclusive_group(required=True)
+    stop.add_argument("--stop-pid", type=int, metavar="PID",
+                      help="the server process to SIGTERM (one of the --url servers)")
+    stop.add_argument("--stop-cmd", metavar="CMD",
+                      help="shell command that stops one of the --url servers, e.g. "
+                           "'docker compose kill -s TERM app-2'")
+    storm.add_argument("--resume-timeout", type=float, default=60.0,
+                       help="seconds for every dropped client to resume (60)")
+    storm.add_argument("--latency-budget", type=float, default=250.0,
+                       help="ms the survivors' p99 message latency must stay under (250)")
     return parser
 
 
@@ -102,7 +121,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
             raise PlanError(f"--private-key {args.private_key}: not an RSA private key "
                             "in PEM") from None
     extra = {name: getattr(args, name) for name in
-             ("hold", "messages", "inflight", "publish_rate", "rate", "duration", "size")
+             ("hold", "messages", "inflight", "publish_rate", "rate", "duration", "size",
+              "rooms", "warmup", "after", "stop_pid", "stop_cmd", "resume_timeout",
+              "latency_budget")
              if hasattr(args, name)}
     return Plan(
         scenario=args.scenario, targets=targets, clients=args.clients,

@@ -46,7 +46,12 @@ def os_reason(error: OSError) -> str:
 
 
 class ConnectFailed(Exception):
-    """A socket did not open; str() is a short reason that failures are counted by."""
+    """A socket did not open; str() is a short reason that failures are counted by, and
+    retry_after the seconds a 503's Retry-After asked for (0 when it said nothing)."""
+
+    def __init__(self, reason: str, retry_after: float = 0.0) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class Client:

@@ -13,7 +13,8 @@ import sys
 from typing import Protocol
 
 from .plan import Plan
-from .shard import Event, Shard
+from .shard import Event
+from .storm_shard import new_shard
 from .worker import MAX_LINE
 
 Events = asyncio.Queue[tuple[int, Event]]
@@ -34,7 +35,7 @@ class LocalLink:
     def __init__(self, plan: Plan, number: int, events: Events) -> None:
         self.number = number
         self.commands: asyncio.Queue[Event] = asyncio.Queue()
-        self.shard = Shard(plan, number, lambda event: events.put_nowait((number, event)))
+        self.shard = new_shard(plan, number, lambda event: events.put_nowait((number, event)))
         self.task = asyncio.create_task(self.shard.run(self.commands))
 
     def send(self, command: Event) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-SCENARIOS = ("connect", "fanout", "chat")
+SCENARIOS = ("connect", "fanout", "chat", "storm")
 MAX_SEQ = 10_000_000  # per publisher; receivers refuse larger ids instead of growing memory
 
 
@@ -85,6 +85,13 @@ class Plan:
     rate: float = 1.0  # chat: messages/s per client
     duration: float = 10.0  # chat
     size: int = 0  # pad each message text to at least this many characters
+    rooms: int = 20  # storm: rooms the clients are spread over, one publisher each
+    warmup: float = 3.0  # storm: seconds of traffic before the instance is stopped
+    after: float = 2.0  # storm: seconds of traffic once every dropped client resumed
+    stop_pid: int | None = None  # storm: the server process to SIGTERM
+    stop_cmd: str | None = None  # storm: or the shell command that stops it
+    resume_timeout: float = 60.0  # storm: seconds for every dropped client to resume
+    latency_budget: float = 250.0  # storm: ms the survivors' p99 must stay under
 
     def check(self) -> Plan:
         if self.scenario not in SCENARIOS:
@@ -109,12 +116,35 @@ class Plan:
             _at_least("--inflight", self.inflight, 1)
             if self.messages > MAX_SEQ:
                 raise PlanError(f"--messages {self.messages}: at most {MAX_SEQ}")
+        if self.scenario == "storm":
+            self._check_storm()
         if self.scenario == "chat":
             if self.rate <= 0 or self.duration <= 0:
                 raise PlanError("--rate and --duration must be more than 0")
             if self.per_client_messages() > MAX_SEQ:
                 raise PlanError(f"--rate x --duration: at most {MAX_SEQ} messages per client")
         return self
+
+    def _check_storm(self) -> None:
+        _at_least("--rooms", self.rooms, 1)
+        if self.rooms > self.clients:
+            raise PlanError(f"--rooms {self.rooms} is more than --clients {self.clients}")
+        if (self.stop_pid is None) == (self.stop_cmd is None):
+            raise PlanError("storm needs what to stop: --stop-pid PID or --stop-cmd CMD")
+        if len(self.targets) < 2:
+            raise PlanError("storm needs two or more --url: the one stopped and the rest")
+        if self.rate <= 0:
+            raise PlanError(f"--rate {self.rate}: must be more than 0")
+        for name, value in (("--warmup", self.warmup), ("--resume-timeout",
+                            self.resume_timeout), ("--latency-budget", self.latency_budget)):
+            if value <= 0:
+                raise PlanError(f"{name} {value}: must be more than 0")
+        if self.after < 0:
+            raise PlanError(f"--after {self.after}: must not be negative")
+
+    def room_of(self, index: int) -> str:
+        """storm: client i is in room i mod --rooms; the room's publisher is client r."""
+        return f"st-{self.run_id}-{index % self.rooms}"
 
     def per_client_messages(self) -> int:
         """chat: how many messages each client sends."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .conductor import Outcome
 from .plan import Plan
-from .runner import Outcome
+from .storm_report import storm_figures, storm_rows, storm_verdict
 
 RATE_ADVICE = ("the server limits each socket to CHAT_RATE messages/s (default 10, burst 20): "
                "start it with CHAT_RATE=0, or pace with --publish-rate / a lower --rate")
@@ -41,6 +42,10 @@ def summarize(plan: Plan, outcome: Outcome) -> dict[str, Any]:
     }
     if plan.scenario != "connect":
         expected = outcome.accepted * tally.connected  # every live client, each message
+        # Deliveries of unconfirmed messages can offset losses: then this is a floor.
+        lost = max(0, expected - tally.deliveries)
+        if outcome.storm is not None:  # each member owes what its own room stored
+            expected, lost = outcome.storm["expected"], outcome.storm["lost"]
         window = (tally.last_receive_ns - tally.first_send_ns) / 1e9 if tally.deliveries else 0.0
         result.update({
             "sent": tally.sent,
@@ -51,8 +56,7 @@ def summarize(plan: Plan, outcome: Outcome) -> dict[str, Any]:
             "receivers": tally.connected,
             "expected": expected,
             "deliveries": tally.deliveries,
-            # Deliveries of unconfirmed messages can offset losses: then this is a floor.
-            "lost": max(0, expected - tally.deliveries),
+            "lost": lost,
             "duplicates": tally.duplicates,
             "deliveries_per_second": _rate(tally.deliveries, window),
             "latency_ms": tally.latency.summary_ms(),
@@ -60,6 +64,8 @@ def summarize(plan: Plan, outcome: Outcome) -> dict[str, Any]:
         if plan.scenario == "fanout":
             result.update(messages=plan.messages, inflight=plan.inflight,
                           publish_rate=plan.publish_rate or None)
+        elif plan.scenario == "storm":
+            result.update(rooms=plan.rooms, rate=plan.rate, storm=storm_figures(plan, outcome))
         else:
             result.update(rate=plan.rate, duration=plan.duration,
                           sent_per_second=_rate(tally.sent, plan.duration))
@@ -86,7 +92,9 @@ def verdict(plan: Plan, result: dict[str, Any]) -> list[str]:
                         + RATE_ADVICE)
     elif result["refused"]:
         failures.append(f"{result['refused']} messages refused ({result['error_frames']})")
-    if result["unconfirmed"]:
+    if plan.scenario == "storm":
+        failures += storm_verdict(result["storm"])
+    elif result["unconfirmed"]:
         failures.append(f"{result['unconfirmed']} messages unconfirmed: their sender was "
                         "closed before they came back, so `lost` is a lower bound")
     if result["lost"] > 0:
@@ -107,6 +115,8 @@ def table(result: dict[str, Any]) -> str:
         ("connect failures", str(connect["failures"])),
         ("connect latency ms", _latency(connect["latency_ms"])),
     ]
+    if result["scenario"] == "storm":
+        rows += storm_rows(result)
     if result["scenario"] != "connect":
         rows += [
             ("sent", f"{result['sent']} (refused {result['refused']}, rate_limited "

@@ -13,20 +13,30 @@ import random
 import resource
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import aiohttp
 
 from .auth import Tokens
 from .client import Client, ConnectFailed
-from .plan import Plan, RunError
+from .plan import Plan, RunError, Target
 from .stats import Tally
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 PROGRESS_EVERY = 0.25  # seconds between progress events
 FD_MARGIN = 64  # descriptors beyond one per client: pipes, DNS, the event loop
+
+
+class SignsIn(Protocol):
+    """A simulated user as the sign-in sees it: a name and URL in, a token out."""
+
+    username: str
+    token: str
+
+    @property
+    def target(self) -> Target: ...
 
 
 class ShardAborted(Exception):
@@ -40,8 +50,7 @@ class Shard:
         self.emit = emit
         self.tally = Tally()
         self.signed_in = 0
-        self.clients = [Client(i, plan.username(i), plan.target(i), plan.run_id, self.tally)
-                        for i in plan.shard_indices(number)]
+        self.clients = self._lobby_clients()
         self.publisher: Client | None = None
         if plan.scenario == "fanout" and number == 0:
             index = plan.publisher
@@ -51,6 +60,11 @@ class Shard:
         self.live: list[Client] = []
         self.work: asyncio.Task[None] | None = None
         self.concurrency = max(1, math.ceil(plan.concurrency / plan.procs))
+
+    def _lobby_clients(self) -> list[Client]:
+        plan = self.plan
+        return [Client(i, plan.username(i), plan.target(i), plan.run_id, self.tally)
+                for i in plan.shard_indices(self.number)]
 
     async def run(self, commands: asyncio.Queue[Event]) -> None:
         """Every phase, until `finish` or abort(); a failure becomes a `fatal` event."""
@@ -85,7 +99,7 @@ class Shard:
     async def _phases(self, session: aiohttp.ClientSession,
                       commands: asyncio.Queue[Event]) -> None:
         ensure_descriptors(len(self.clients) + FD_MARGIN)
-        await self._sign_in(session)
+        await self._sign_in(session, self._everyone())
         self.emit({"event": "signed_in"})
         await self._expect(commands, "connect")
         started = time.monotonic_ns()
@@ -115,17 +129,18 @@ class Shard:
     async def _progress(self) -> None:
         while True:
             await asyncio.sleep(PROGRESS_EVERY)
-            tally = self.tally
-            self.emit({"event": "progress", "signed_in": self.signed_in,
-                       "connected": tally.connected,
-                       "failed": sum(tally.connect_failures.values()), "sent": tally.sent,
-                       "delivered": tally.deliveries})
+            self.emit(self._progress_event())
+
+    def _progress_event(self) -> Event:
+        tally = self.tally
+        return {"event": "progress", "signed_in": self.signed_in, "connected": tally.connected,
+                "failed": sum(tally.connect_failures.values()), "sent": tally.sent,
+                "delivered": tally.deliveries}
 
     # ------------------------------------------------------ sign-in, connect
 
-    async def _sign_in(self, session: aiohttp.ClientSession) -> None:
+    async def _sign_in(self, session: aiohttp.ClientSession, everyone: Sequence[SignsIn]) -> None:
         tokens = Tokens(self.plan)
-        everyone = [*self.clients, *([self.publisher] if self.publisher else [])]
         if tokens.issuer is not None:
             for n, client in enumerate(everyone, 1):
                 client.token = tokens.mint(client.username)
@@ -136,7 +151,7 @@ class Shard:
         gate = asyncio.Semaphore(self.concurrency)
         timeout = self.plan.connect_timeout
 
-        async def one(client: Client) -> None:
+        async def one(client: SignsIn) -> None:
             async with gate:
                 client.token = await tokens.login(session, client.target, client.username,
                                                   timeout)
@@ -174,8 +189,11 @@ class Shard:
 
         await asyncio.gather(*(one(client) for client in self.clients))
 
+    def _everyone(self) -> list[Client]:
+        return [*self.clients, *([self.publisher] if self.publisher else [])]
+
     async def _close_all(self) -> None:
-        everyone = [*self.clients, *([self.publisher] if self.publisher else [])]
+        everyone = self._everyone()
         if everyone:
             await asyncio.wait([asyncio.create_task(c.close()) for c in everyone], timeout=10)
 

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 from .plan import Plan
-from .shard import Event, Shard
+from .shard import Event
+from .storm_shard import new_shard
 
 MAX_LINE = 1 << 24
 
@@ -31,7 +32,7 @@ async def serve() -> None:
         return
     start: dict[str, Any] = json.loads(first)
     commands: asyncio.Queue[Event] = asyncio.Queue()
-    shard = Shard(Plan.from_json(start["plan"]), int(start["shard"]), emit)
+    shard = new_shard(Plan.from_json(start["plan"]), int(start["shard"]), emit)
 
     async def pump() -> None:
         while line := await reader.readline():

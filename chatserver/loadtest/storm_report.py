@@ -1,0 +1,98 @@
+"""The storm's figures and verdict: how fast the dropped clients were back, what the
+survivors' latency did meanwhile, how the server shed the load, and that nothing was lost
+or repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .conductor import Outcome
+from .member import Book
+from .plan import Plan
+
+SHED = ("HTTP 503", "HTTP 429", "closed before joining: 1013")
+TIMED_OUT = "no joined frame"
+
+
+def storm_figures(plan: Plan, outcome: Outcome) -> dict[str, Any]:
+    storm = outcome.storm
+    assert storm is not None
+    book: Book = storm["book"]
+    kill_ns = storm["kill_ns"]
+    dropped = sum(book.drops.values())
+    resumes = sorted((ns - kill_ns) / 1e9 for ns in book.resumed_ns)
+    drops = [(ns - kill_ns) / 1e9 for ns in book.dropped_ns]
+    attempts = dict(book.attempts)
+    gone = storm["stopped_ns"]
+    return {
+        "stopped": f"pid {plan.stop_pid}" if plan.stop_pid is not None else plan.stop_cmd,
+        "server_gone_s": None if gone is None else round((gone - kill_ns) / 1e9, 3),
+        "storm_s": round((storm["calm_ns"] - kill_ns) / 1e9, 3),
+        "dropped": dropped,
+        "drops_by_close_code": dict(book.drops),
+        "drops_s": [round(min(drops), 3), round(max(drops), 3)] if drops else None,
+        "resumed": len(resumes),
+        "unresumed": storm["unresumed"],
+        "resumed_99pct_s": _rank(resumes, dropped, 99),
+        "resumed_100pct_s": _rank(resumes, dropped, 100),
+        "incomplete_resumes": book.incomplete,
+        "reconnect_attempts": attempts,
+        "shed": sum(n for why, n in attempts.items() if why.startswith(SHED)),
+        "timed_out": sum(n for why, n in attempts.items() if why.startswith(TIMED_OUT)),
+        "survivor_latency_ms": book.storm_latency.summary_ms(),
+        "latency_budget_ms": plan.latency_budget,
+        "skipped_publishes": book.skipped,
+    }
+
+
+def storm_verdict(figures: dict[str, Any]) -> list[str]:
+    failures = []
+    if not figures["dropped"]:
+        failures.append("no client lost its socket: is the server stopped one of the --url "
+                        "list, with clients on it?")
+    if figures["unresumed"]:
+        failures.append(f"{figures['unresumed']} of {figures['dropped']} dropped clients had "
+                        "not resumed when --resume-timeout ended")
+    if figures["incomplete_resumes"]:
+        failures.append(f"{figures['incomplete_resumes']} resumes were incomplete: the server "
+                        "could not replay the gap")
+    if figures["timed_out"]:
+        failures.append(f"{figures['timed_out']} reconnects timed out instead of being shed "
+                        "with a retry hint")
+    p99 = figures["survivor_latency_ms"]["p99"]
+    if p99 is not None and p99 > figures["latency_budget_ms"]:
+        failures.append(f"the survivors' p99 latency in the storm was {p99} ms, over the "
+                        f"--latency-budget of {figures['latency_budget_ms']:g} ms")
+    return failures
+
+
+def storm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    storm = result["storm"]
+    latency = storm["survivor_latency_ms"]
+    return [
+        ("stopped", f"{storm['stopped']}, gone after {storm['server_gone_s']} s"),
+        ("dropped", f"{storm['dropped']} {storm['drops_by_close_code']}, from "
+                    f"{_span(storm['drops_s'])} s after the stop"),
+        ("resumed", f"{storm['resumed']}/{storm['dropped']}: 99 % in "
+                    f"{storm['resumed_99pct_s']} s, 100 % in {storm['resumed_100pct_s']} s "
+                    f"(incomplete {storm['incomplete_resumes']})"),
+        ("reconnects", f"{storm['reconnect_attempts']} (shed {storm['shed']}, "
+                       f"timed out {storm['timed_out']})"),
+        ("survivors in storm",
+         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']} ms "
+         f"(n={latency['count']}, budget {storm['latency_budget_ms']:g})"),
+    ]
+
+
+def _span(seconds: list[float] | None) -> str:
+    return "-" if seconds is None else f"{seconds[0]} to {seconds[1]}"
+
+
+def _rank(sorted_seconds: list[float], total: int, q: int) -> float | None:
+    """Seconds until q % of `total` had resumed; None if that many never did."""
+    needed = max(1, math.ceil(q / 100 * total))
+    if len(sorted_seconds) < needed:
+        return None
+    return round(sorted_seconds[needed - 1], 3)

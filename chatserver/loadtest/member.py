@@ -38,43 +38,64 @@ def backoff(attempt: int, code: int | None, retry_after: float) -> float:
     return retry_after + delay
 
 
+class Unreachable(ConnectFailed):
+    """No TCP connection at all: nobody listens there now."""
+
+
 class Book:
     """What a shard's members saw of the storm; it merges across shards like a Tally."""
 
     def __init__(self) -> None:
-        self.storm_latency = Histogram()  # live deliveries to never-dropped members, in the storm
+        # In the storm, live deliveries to never-dropped members, by the URL the message's
+        # publisher first connected to: those of the URLs that dropped nobody are the
+        # surviving servers' own latency.
+        self.storm_latency: dict[int, Histogram] = {}
+        self.dropped_from: Counter[int] = Counter()  # drops by the member's first URL
         self.drops: Counter[str] = Counter()  # sockets that ended under us, by close code
         self.attempts: Counter[str] = Counter()  # reconnect attempts, by outcome
         self.dropped_ns: list[int] = []  # when each drop happened
         self.resumed_ns: list[int] = []  # when each dropped member had its room back
         self.incomplete = 0  # resumes the server said were not complete
         self.skipped = 0  # publishes not sent because the publisher was offline
+        self.presence_events = 0  # join/leave frames received in the storm
+        self.connect_shed = 0  # 503s with Retry-After while first connecting (then retried)
         self.storming = False  # between the coordinator's `kill` and `calm`
 
     def to_json(self) -> dict[str, Any]:
-        return {"storm_latency": self.storm_latency.to_json(), "drops": dict(self.drops),
+        return {"storm_latency": {str(k): h.to_json() for k, h in self.storm_latency.items()},
+                "dropped_from": {str(k): n for k, n in self.dropped_from.items()},
+                "drops": dict(self.drops),
                 "attempts": dict(self.attempts), "dropped_ns": self.dropped_ns,
                 "resumed_ns": self.resumed_ns,
-                "incomplete": self.incomplete, "skipped": self.skipped}
+                "incomplete": self.incomplete, "skipped": self.skipped,
+                "presence_events": self.presence_events, "connect_shed": self.connect_shed}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Book:
         book = cls()
-        book.storm_latency = Histogram.from_json(data["storm_latency"])
+        book.storm_latency = {int(k): Histogram.from_json(h)
+                              for k, h in data["storm_latency"].items()}
+        book.dropped_from = Counter({int(k): int(n) for k, n in data["dropped_from"].items()})
         book.drops, book.attempts = Counter(data["drops"]), Counter(data["attempts"])
         book.dropped_ns = [int(ns) for ns in data["dropped_ns"]]
         book.resumed_ns = [int(ns) for ns in data["resumed_ns"]]
         book.incomplete, book.skipped = int(data["incomplete"]), int(data["skipped"])
+        book.presence_events = int(data["presence_events"])
+        book.connect_shed = int(data["connect_shed"])
         return book
 
     def merge(self, other: Book) -> None:
-        self.storm_latency.merge(other.storm_latency)
+        for url, histogram in other.storm_latency.items():
+            self.storm_latency.setdefault(url, Histogram()).merge(histogram)
+        self.dropped_from.update(other.dropped_from)
         self.drops.update(other.drops)
         self.attempts.update(other.attempts)
         self.dropped_ns += other.dropped_ns
         self.resumed_ns += other.resumed_ns
         self.incomplete += other.incomplete
         self.skipped += other.skipped
+        self.presence_events += other.presence_events
+        self.connect_shed += other.connect_shed
 
 
 class Member:
@@ -145,7 +166,7 @@ class Member:
             raise ConnectFailed(f"HTTP {exc.status} on upgrade",
                                 float(retry) if retry.isdigit() else 0.0) from None
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(f"cannot connect: {os_reason(exc.os_error)}") from None
+            raise Unreachable(f"cannot connect: {os_reason(exc.os_error)}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ConnectFailed(f"{type(exc).__name__}: {exc}"[:120]) from None
 
@@ -181,16 +202,20 @@ class Member:
             if self.stopping:
                 return
             self._drop(code)
-            retry_after = 0.0
+            retry_after, at_once = 0.0, False
             while not self.stopping:
-                await asyncio.sleep(backoff(self.attempt, code, retry_after))
-                self.attempt += 1
+                if not at_once:
+                    await asyncio.sleep(backoff(self.attempt, code, retry_after))
+                    self.attempt += 1
                 try:
                     await self.connect(session, timeout)
                 except ConnectFailed as exc:
                     self.book.attempts[str(exc)] += 1
                     code, retry_after = None, exc.retry_after
                     self.turn = (self.turn + 1) % len(self.targets)
+                    # A server that refused the TCP connection is down: the next URL is
+                    # tried at once, as a proxy tries its next upstream.
+                    at_once = isinstance(exc, Unreachable) and not at_once
                     continue
                 self.book.attempts["resumed"] += 1
                 break
@@ -209,6 +234,8 @@ class Member:
 
     def _drop(self, code: int | None) -> None:
         self.online = False
+        if not self.dropped:
+            self.book.dropped_from[self.index % len(self.targets)] += 1
         self.dropped = self.pending = True
         self.book.drops[str(code)] += 1
         self.book.dropped_ns.append(time.monotonic_ns())
@@ -225,6 +252,8 @@ class Member:
 
     def on_text(self, data: str) -> None:
         if data.startswith('{"type":"presence"'):
+            if self.book.storming:
+                self.book.presence_events += 1
             return
         try:
             frame = json.loads(data)
@@ -283,7 +312,8 @@ class Member:
             return  # a replay: its age is how long we were away, not the server's latency
         self.tally.latency.record_ns(now - sent_ns)
         if self.book.storming and not self.dropped:
-            self.book.storm_latency.record_ns(now - sent_ns)
+            url = sender % len(self.targets)  # where the publisher first connected
+            self.book.storm_latency.setdefault(url, Histogram()).record_ns(now - sent_ns)
 
     # ------------------------------------------------------------ publishing
 

@@ -11,6 +11,7 @@ from typing import Any
 from .conductor import Outcome
 from .member import Book
 from .plan import Plan
+from .stats import Histogram
 
 SHED = ("HTTP 503", "HTTP 429", "closed before joining: 1013")
 TIMED_OUT = "no joined frame"
@@ -26,6 +27,11 @@ def storm_figures(plan: Plan, outcome: Outcome) -> dict[str, Any]:
     drops = [(ns - kill_ns) / 1e9 for ns in book.dropped_ns]
     attempts = dict(book.attempts)
     gone = storm["stopped_ns"]
+    survivors, everyone = Histogram(), Histogram()
+    for url, histogram in book.storm_latency.items():
+        everyone.merge(histogram)
+        if not book.dropped_from[url]:  # a server that dropped nobody: a survivor
+            survivors.merge(histogram)
     return {
         "stopped": f"pid {plan.stop_pid}" if plan.stop_pid is not None else plan.stop_cmd,
         "server_gone_s": None if gone is None else round((gone - kill_ns) / 1e9, 3),
@@ -41,9 +47,12 @@ def storm_figures(plan: Plan, outcome: Outcome) -> dict[str, Any]:
         "reconnect_attempts": attempts,
         "shed": sum(n for why, n in attempts.items() if why.startswith(SHED)),
         "timed_out": sum(n for why, n in attempts.items() if why.startswith(TIMED_OUT)),
-        "survivor_latency_ms": book.storm_latency.summary_ms(),
+        "survivor_latency_ms": survivors.summary_ms(),
+        "storm_latency_ms": everyone.summary_ms(),
         "latency_budget_ms": plan.latency_budget,
         "skipped_publishes": book.skipped,
+        "presence_events": book.presence_events,
+        "connect_shed": book.connect_shed,
     }
 
 
@@ -72,6 +81,7 @@ def storm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     storm = result["storm"]
     latency = storm["survivor_latency_ms"]
     return [
+        ("first connects shed", f"{storm['connect_shed']} (503 + Retry-After, retried)"),
         ("stopped", f"{storm['stopped']}, gone after {storm['server_gone_s']} s"),
         ("dropped", f"{storm['dropped']} {storm['drops_by_close_code']}, from "
                     f"{_span(storm['drops_s'])} s after the stop"),
@@ -80,9 +90,13 @@ def storm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                     f"(incomplete {storm['incomplete_resumes']})"),
         ("reconnects", f"{storm['reconnect_attempts']} (shed {storm['shed']}, "
                        f"timed out {storm['timed_out']})"),
+        ("presence frames", f"{storm['presence_events']} in the storm"),
         ("survivors in storm",
          f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']} ms "
-         f"(n={latency['count']}, budget {storm['latency_budget_ms']:g})"),
+         f"(n={latency['count']}, budget {storm['latency_budget_ms']:g}; messages among "
+         "the clients of the servers that stayed)"),
+        ("all in storm", f"p99 {storm['storm_latency_ms']['p99']} ms (with the stopped "
+                         "server's publishers' last messages)"),
     ]
 
 

@@ -9,13 +9,14 @@ room stored), drain (wait for every stored message; report), finish.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 
 import aiohttp
 
 from .client import Client, ConnectFailed
-from .member import Book, Member
+from .member import Book, Member, backoff
 from .plan import Plan
 from .shard import FD_MARGIN, Emit, Event, Shard, ensure_descriptors
 
@@ -80,11 +81,17 @@ class StormShard(Shard):
         async def one(member: Member) -> None:
             async with gate:
                 self.tally.attempted += 1
-                try:
-                    await member.connect(session, timeout)
-                except ConnectFailed as exc:
-                    self.tally.connect_failures[str(exc)] += 1
-                    return
+                for attempt in itertools.count():
+                    try:
+                        await member.connect(session, timeout)
+                        break
+                    except ConnectFailed as exc:
+                        if not exc.retry_after:
+                            self.tally.connect_failures[str(exc)] += 1
+                            return
+                        # Shed (503 + Retry-After): a client comes back, as told.
+                        self.book.connect_shed += 1
+                        await asyncio.sleep(backoff(attempt, None, exc.retry_after))
                 self.tally.connected += 1
                 self.keepers.append(asyncio.create_task(member.keep(session, timeout)))
 

@@ -10,7 +10,7 @@ import pytest
 from chatserver.loadtest.conductor import Outcome
 from chatserver.loadtest.member import CAP, TRY_AGAIN_BASE, Book, Member, backoff
 from chatserver.loadtest.plan import Plan, PlanError, parse_target
-from chatserver.loadtest.stats import Tally
+from chatserver.loadtest.stats import Histogram, Tally
 from chatserver.loadtest.storm_report import storm_figures, storm_verdict
 
 TARGETS = (parse_target("http://127.0.0.1:1"), parse_target("http://127.0.0.1:2"))
@@ -38,7 +38,9 @@ def test_books_merge_exactly_through_json() -> None:
     one, two = Book(), Book()
     one.drops["1001"] += 3
     one.resumed_ns += [5, 7]
-    one.storm_latency.record_ns(2_000_000)
+    one.storm_latency[0] = Histogram()
+    one.storm_latency[0].record_ns(2_000_000)
+    one.dropped_from[1] += 3
     two.drops["1001"] += 1
     two.drops["None"] += 1
     two.attempts["HTTP 503 on upgrade"] += 4
@@ -49,7 +51,7 @@ def test_books_merge_exactly_through_json() -> None:
     assert merged.drops == {"1001": 4, "None": 1}
     assert sorted(merged.resumed_ns) == [5, 6, 7] and merged.incomplete == 1
     assert merged.attempts == {"HTTP 503 on upgrade": 4}
-    assert merged.storm_latency.count == 1
+    assert merged.storm_latency[0].count == 1 and merged.dropped_from == {1: 3}
 
 
 def test_a_member_counts_each_message_once_and_replays_are_not_latency() -> None:
@@ -74,12 +76,17 @@ def test_the_storm_verdict_names_each_shortfall() -> None:
     book.resumed_ns = [1_500_000_000, 2_000_000_000, 2_500_000_000]
     book.attempts.update({"no joined frame within 10 s": 2, "HTTP 503 on upgrade": 5,
                           "resumed": 3})
-    book.storm_latency.record_ns(400_000_000)
+    book.storm_latency = {0: Histogram(), 1: Histogram()}
+    book.storm_latency[0].record_ns(400_000_000)  # from a survivor's publisher
+    book.storm_latency[1].record_ns(900_000_000)  # from the stopped one's: not the survivors'
+    book.dropped_from[1] = 4
     storm = {"book": book, "kill_ns": 1_000_000_000, "stopped_ns": 2_000_000_000,
              "calm_ns": 3_000_000_000, "unresumed": 1}
     figures = storm_figures(plan(), Outcome(Tally(), 1.0, 0, 1.0, storm=storm))
     assert figures["resumed_99pct_s"] is None and figures["resumed_100pct_s"] is None
     assert figures["shed"] == 5 and figures["timed_out"] == 2
+    assert figures["survivor_latency_ms"]["max"] == 400.0
+    assert figures["storm_latency_ms"]["max"] == 900.0
     failures = " | ".join(storm_verdict(figures))
     assert "1 of 4 dropped clients" in failures
     assert "2 reconnects timed out" in failures

@@ -79,7 +79,8 @@ async def create_app(
         else MemoryMemberships())
     gate = Gatekeeper(load_rules(settings.room_rules, settings.room_rules_file), memberships)
     chat = ChatService(hub, broker, limits, gate, auth.hits)
-    admission = Admission(settings.max_handshakes, metrics.handshakes_shed.inc)
+    admission = Admission(settings.max_handshakes, metrics.handshakes_shed.inc,
+                          max_lag=settings.shed_lag)
     endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance,
                           admission=admission)
     auth_gate = AuthGate(settings, auth.verifier, metrics, admission)
@@ -92,12 +93,14 @@ async def create_app(
         await broker.start(chat)
         await auth.denylist.start()
         await auth.verifier.prefetch()
+        admission.lag.start()
         tasks = [asyncio.create_task(endpoint.watch_expiry(), name="token-expiry"),
                  asyncio.create_task(endpoint.keep_alive(), name="heartbeat"),
                  asyncio.create_task(auth.verifier.keep_warm(), name="jwks-warm")]
         try:
             yield
         finally:
+            admission.lag.stop()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -219,6 +219,10 @@ class Settings:
         "CHAT_MAX_HANDSHAKES", 256, "WebSocket handshakes in flight per worker; past it an "
         "upgrade is answered 503 + Retry-After at once (shed, not queued into timeouts)",
         group=LIMITS, low=1, high=1_000_000)
+    shed_lag: float = setting(
+        "CHAT_SHED_LAG", 0.1, "seconds this worker's event loop may run late before new "
+        "upgrades are answered 503 + Retry-After (a saturated worker serves the clients it "
+        "holds first); 0: off", group=LIMITS, low=0, high=60)
     head_timeout: float = setting(
         "CHAT_HEAD_TIMEOUT", 10.0, "seconds a new connection has to send its request head",
         group=LIMITS, low=0.5, high=600)
@@ -244,6 +248,10 @@ class Settings:
     presence_ttl: float = setting(
         "CHAT_PRESENCE_TTL", 30.0, "seconds before a dead instance's members disappear",
         group=TIMING, low=3, high=3600)
+    presence_handoff: float = setting(
+        "CHAT_PRESENCE_HANDOFF", 10.0, "seconds a shutting-down worker's members stay present, "
+        "so clients that reconnect elsewhere meanwhile cause no leave/join events; 0: they "
+        "leave at once", group=TIMING, low=0, high=3600)
     presence_event_limit: int = setting(
         "CHAT_PRESENCE_EVENT_LIMIT", 100, "rooms with more members send no join/leave "
         "events (`members` still answers)", group=TIMING, low=0, high=1_000_000)

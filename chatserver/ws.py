@@ -77,16 +77,16 @@ def _abort_if_stuck(transport: asyncio.Transport) -> None:
 class Tally:
     """Connects, disconnects and refused upgrades since the last line."""
 
-    __slots__ = ("connected", "disconnected", "refused")
+    __slots__ = ("abandoned", "connected", "disconnected", "refused")
 
     def __init__(self) -> None:
-        self.connected = self.disconnected = self.refused = 0
+        self.connected = self.disconnected = self.refused = self.abandoned = 0
 
     def log(self, open_now: int) -> None:
-        if self.connected or self.disconnected or self.refused:
-            log.info("connections: +%d -%d refused %d, %d open",
-                     self.connected, self.disconnected, self.refused, open_now)
-            self.connected = self.disconnected = self.refused = 0
+        if self.connected or self.disconnected or self.refused or self.abandoned:
+            log.info("connections: +%d -%d refused %d abandoned %d, %d open",
+                     self.connected, self.disconnected, self.refused, self.abandoned, open_now)
+            self.connected = self.disconnected = self.refused = self.abandoned = 0
 
 
 class WsEndpoint:
@@ -124,7 +124,13 @@ class WsEndpoint:
             compress=settings.compress,
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The client gave up before its 101 was written (its own timeout, in a storm):
+            # nothing to serve, and no traceback for an everyday event.
+            self.tally.abandoned += 1
+            return ws
         user = request.get(USER)
         refusal = request.get(AUTH_FAILURE, NOT_SIGNED_IN) if user is None else self._refusal(user)
         if refusal is not None:
@@ -257,6 +263,8 @@ class WsEndpoint:
     async def drain(self) -> None:
         """Shutdown: refuse new sockets, close every open one 1001, and wait (bounded by
         CHAT_GRACE) until their handlers are done."""
+        if not self.draining.is_set():
+            self.chat.broker.hand_off(self.settings.presence_handoff)
         self.draining.set()
         for conn in list(self.chat.hub.connections):
             conn.kick(SHUTTING_DOWN)

@@ -111,4 +111,11 @@ class Broker(abc.ABC):
         returns at once."""
 
     @abc.abstractmethod
+    def hand_off(self, seconds: float) -> None:
+        """The worker is shutting down and its clients will reconnect to other instances:
+        members that leave from now on stay present `seconds` longer (then disappear, with
+        their leave events, unless they came back), so that a restart is no wave of leaves
+        and joins to every room. Only where presence outlives the worker (Redis)."""
+
+    @abc.abstractmethod
     async def members(self, room: str) -> list[Member]: ...

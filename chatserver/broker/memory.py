@@ -138,6 +138,9 @@ class MemoryBroker(Broker):
         complete = same_epoch and not from_the_future and after >= stream.max_deleted
         return Replay(frames, complete, stream.epoch)
 
+    def hand_off(self, seconds: float) -> None:
+        """Presence ends with this process, and so do all of its clients' sockets."""
+
     def presence(self, room: str, member: Member, joined: bool) -> None:
         here = self._presence.setdefault(room, set())
         before = len(here)

@@ -317,6 +317,35 @@ async def test_workers_share_rooms_users_and_presence(
     assert sink_one.rooms == []  # `one` never subscribed
 
 
+async def test_a_shutting_down_workers_members_are_handed_off_not_left(
+    backend: Backend, make_broker: MakeBroker
+) -> None:
+    """After hand_off, a worker's leaving members stay present: one who joins on another
+    worker meanwhile causes no event at all; one who does not is swept with a leave once
+    the hand-off ends."""
+    needs_workers(backend)
+    (old, _), (new, sink) = await make_broker(presence_ttl=3.0), await make_broker(
+        presence_ttl=3.0)
+    await new.subscribe_room("r")
+    await settle(new, sink, "r")
+    for member in (ALICE, BOB):
+        old.presence("r", member, True)
+    await settle(old, sink, "r")
+    await sink.until(lambda: len(sink.events("r")) == 2)
+    old.hand_off(1.0)
+    for member in (ALICE, BOB):
+        old.presence("r", member, False)  # the drain closed their sockets
+    await settle(old, sink, "r")
+    assert await new.members("r") == [ALICE, BOB]  # still present: handed off
+    new.presence("r", ALICE, True)  # alice reconnected to the other worker
+    await settle(new, sink, "r")
+    # bob never came back: the other worker's sweep (every ttl/3) makes him leave.
+    await sink.until(lambda: len(sink.events("r")) == 3, timeout=WAIT + 3.0)
+    assert [(e["event"], e["user"]["sub"]) for e in sink.events("r")] == [
+        ("join", ALICE.sub), ("join", BOB.sub), ("leave", BOB.sub)]
+    assert await new.members("r") == [ALICE]
+
+
 # ----------------------------------------------------------------- outage
 
 

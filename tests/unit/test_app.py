@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from chatserver.admission import LoopLag
 from chatserver.app import ENDPOINT, create_app
 from chatserver.auth.cookies import cookie_names
 from chatserver.broker.memory import MemoryBroker
@@ -462,6 +464,44 @@ async def test_handshakes_past_the_limit_are_shed_at_once_with_retry_after(
     more = [await client.ws_connect("/ws", headers={"Origin": ORIGIN}) for _ in range(3)]
     for ws in [*stuck, *more]:
         await ws.close()
+
+
+async def tick(lag: LoopLag) -> None:
+    """Until the lag timer has taken its next sample."""
+    before = lag.value
+    async with asyncio.timeout(5):
+        while lag.value == before:  # noqa: ASYNC110 - the app's own timer: no event to await
+            await asyncio.sleep(0.005)
+
+
+async def test_a_worker_whose_loop_runs_late_sheds_upgrades_until_it_caught_up(
+        make_client: MakeClient) -> None:
+    """Issue 14: past CHAT_SHED_LAG of event-loop lateness a worker answers new upgrades
+    503 + Retry-After (it serves the sockets it holds first); once the loop keeps time
+    again, upgrades pass."""
+    client = await make_client(CHAT_SHED_LAG="0.1")
+    await login(client)
+    held = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    lag = client.app[ENDPOINT].admission.lag
+    time.sleep(0.3)  # noqa: ASYNC251 - one long pass (a GC pause): nothing is shed
+    await tick(lag)
+    assert 0 < lag.value <= 0.1
+    again = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    await again.close()
+    for _ in range(4):  # a loop that stays saturated, as in a reconnect storm
+        time.sleep(0.3)  # noqa: ASYNC251
+        await tick(lag)
+    assert lag.value > 0.1
+    with pytest.raises(aiohttp.WSServerHandshakeError) as shed:
+        await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert shed.value.status == 503 and shed.value.headers["Retry-After"] == "1"
+    async with asyncio.timeout(5):
+        while lag.value > 0.1:  # the loop keeps time again: the average falls
+            await tick(lag)
+    again = await client.ws_connect("/ws", headers={"Origin": ORIGIN})
+    assert (await again.receive_json())["type"] == "welcome"
+    await again.close()
+    await held.close()
 
 
 async def test_the_heartbeat_sweep_keeps_answering_peers_and_drops_silent_ones(

@@ -104,6 +104,6 @@ async def test_connects_are_one_counted_info_line_not_a_line_each(
     assert lines == []  # nothing per connection at INFO
     app[ENDPOINT].tally.log(5)  # what the once-a-second beat does
     lines = [r.getMessage() for r in caplog.records if r.name == "chatserver.ws"]
-    assert lines == ["connections: +5 -0 refused 0, 5 open"]
+    assert lines == ["connections: +5 -0 refused 0 abandoned 0, 5 open"]
     for ws in sockets:
         await ws.close()

@@ -161,9 +161,12 @@ class RedisBroker(Broker):
         keys = [self._keys.stream(room), self._keys.epoch(room)]
         args: list[str | int] = [
             since, self._maxlen, uuid.uuid4().hex, epoch or "", self._room_ttl]
-        current, max_deleted, newest, last = await _call(
-            "history", self._scripts.history(keys=keys, args=args)
-        )
+        # Through the outbox, not the pool: in a reconnect storm thousands of resumes
+        # then cost one round trip per batch, and never queue for a pool connection in
+        # front of the publishes of the clients already here.
+        found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.put(Call(self._scripts.history, keys, args), found)
+        current, max_deleted, newest, last = await found
         current = current.decode()
         if epoch == current and parse_id(since) > parse_id(last.decode()):
             # A `since` this stream never gave: replay it whole, and say it is not the
@@ -185,6 +188,9 @@ class RedisBroker(Broker):
 
     def presence(self, room: str, member: Member, joined: bool) -> None:
         self._presence.change(room, member, joined)
+
+    def hand_off(self, seconds: float) -> None:
+        self._presence.hand_off(seconds)
 
     async def members(self, room: str) -> list[Member]:
         return await self._presence.members(room)

@@ -44,14 +44,20 @@ class Presence:
         self._rooms = rooms  # the rooms to sweep: those this worker is subscribed to
         self._publish_event = publish_event
         self._here: dict[str, set[Member]] = {}  # room -> members on this worker
+        self._kept_until = 0.0  # shutting down: leaving members stay present until then
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever(), name="redis-presence")
 
+    def hand_off(self, seconds: float) -> None:
+        """Shutting down: members that leave from now on stay present `seconds` more."""
+        if seconds > 0:
+            self._kept_until = time.time() + seconds
+
     async def close(self) -> None:
-        """On a clean shutdown this worker's members leave at once (events included);
-        the caller then drains the outbox."""
+        """On a clean shutdown this worker's members leave at once (events included), or
+        are kept for the hand-off; the caller then drains the outbox."""
         for room, here in list(self._here.items()):
             for member in list(here):
                 self.change(room, member, False)
@@ -79,6 +85,11 @@ class Presence:
             here.discard(member)
             if not here:
                 self._here.pop(room, None)
+            if self._kept_until:  # no longer refreshed here: swept once the hand-off ends
+                keep = [self._entry(member), self._kept_until]
+                self._outbox.put(Call(self._scripts.presence_keep, [self._keys.presence(room)],
+                                      keep))
+                return
             args = [self._entry(member), member.sub, self._event_limit, event]
             script = self._scripts.presence_leave
         self._outbox.put(Call(script, self._script_keys(room), args))

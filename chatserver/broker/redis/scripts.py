@@ -85,6 +85,14 @@ end
 return 0
 """
 
+# A member of a worker that shuts down stays present until ARGV[2] (the hand-off), then
+# the sweep removes it like a dead instance's: a reconnect elsewhere before then is no
+# leave and join for the room. ARGV: the entry, its new expiry.
+PRESENCE_KEEP_LUA = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+return 0
+"""
+
 # Removes expired entries (a dead instance's members) and returns those whose user is
 # present nowhere else and whose leave is an event (the rule of PRESENCE_LEAVE_LUA);
 # only one sweeper gets each, so one leave event goes out. ARGV: now, event limit.
@@ -127,10 +135,11 @@ class Scripts:
         self.history = client.register_script(HISTORY_LUA)
         self.presence_join = client.register_script(_publishing(PRESENCE_JOIN_LUA, sharded))
         self.presence_leave = client.register_script(_publishing(PRESENCE_LEAVE_LUA, sharded))
+        self.presence_keep = client.register_script(PRESENCE_KEEP_LUA)
         self.presence_sweep = client.register_script(PRESENCE_SWEEP_LUA)
         self.members = client.register_script(MEMBERS_LUA)
         self._all = (self.publish, self.history, self.presence_join, self.presence_leave,
-                     self.presence_sweep, self.members)
+                     self.presence_keep, self.presence_sweep, self.members)
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
         """Each call's reply (or its error, as an exception object), in order. Raises

@@ -130,7 +130,7 @@ class WsEndpoint:
             # The client gave up before its 101 was written (its own timeout, in a storm):
             # nothing to serve, and no traceback for an everyday event.
             self.tally.abandoned += 1
-            return ws
+            return web.Response(status=503)  # aiohttp's own write of it fails quietly
         user = request.get(USER)
         refusal = request.get(AUTH_FAILURE, NOT_SIGNED_IN) if user is None else self._refusal(user)
         if refusal is not None:

@@ -466,6 +466,25 @@ async def test_handshakes_past_the_limit_are_shed_at_once_with_retry_after(
         await ws.close()
 
 
+async def test_a_client_gone_before_its_101_is_counted_not_a_traceback(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """A storm's client that gave up (its own timeout) before the 101 was written is an
+    `abandoned` count in the connections line, not an ERROR with a traceback."""
+    await login(client)
+    cookie = "; ".join(f"{c.key}={c.value}" for c in client.session.cookie_jar)
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write((f"GET /ws HTTP/1.1\r\nHost: {client.host}\r\nOrigin: {ORIGIN}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: {cookie}\r\n\r\n"
+                  ).encode())
+    writer.close()  # gone before the server can answer
+    tally = client.app[ENDPOINT].tally
+    async with asyncio.timeout(5):
+        while not tally.abandoned:  # noqa: ASYNC110 - a count of the app's: no event
+            await asyncio.sleep(0.005)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def tick(lag: LoopLag) -> None:
     """Until the lag timer has taken its next sample."""
     before = lag.value

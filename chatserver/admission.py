@@ -32,8 +32,9 @@ class LoopLag:
     that one long pass (a GC pause) sheds nothing, while a loop that stays saturated
     sheds within a few passes, and until it keeps time again."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: Callable[[float], None] | None = None) -> None:
         self.value = 0.0
+        self._observe = observe  # each sample, e.g. into a histogram metric
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
 
@@ -48,7 +49,10 @@ class LoopLag:
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
-        self.value += WEIGHT * (now - self._due - self.value)
+        sample = max(0.0, now - self._due)
+        self.value += WEIGHT * (sample - self.value)
+        if self._observe is not None:
+            self._observe(sample)
         self._due = now + TICK
         self._handle = loop.call_at(self._due, self._tick, loop)
 

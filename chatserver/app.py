@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .admission import Admission
+from .admission import Admission, LoopLag
 from .api import ApiRoutes
 from .auth.challenge_store import ChallengeStore, MemoryChallengeStore, RedisChallengeStore
 from .auth.cognito import CognitoClient, fetch_json
@@ -80,7 +80,7 @@ async def create_app(
     gate = Gatekeeper(load_rules(settings.room_rules, settings.room_rules_file), memberships)
     chat = ChatService(hub, broker, limits, gate, auth.hits)
     admission = Admission(settings.max_handshakes, metrics.handshakes_shed.inc,
-                          max_lag=settings.shed_lag)
+                          max_lag=settings.shed_lag, lag=LoopLag(metrics.loop_lag.observe))
     endpoint = WsEndpoint(settings=settings, chat=chat, metrics=metrics, instance=instance,
                           admission=admission)
     auth_gate = AuthGate(settings, auth.verifier, metrics, admission)

@@ -21,12 +21,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 
 ReadyCheck = Callable[[], tuple[bool, str]]  # (ready, why not)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -84,6 +86,12 @@ class Metrics:
         self.handshakes_shed = Counter(
             "chatserver_handshakes_shed",
             "Upgrades answered 503 at once because CHAT_MAX_HANDSHAKES were in flight",
+            registry=reg,
+        )
+        self.loop_lag = Histogram(
+            "chatserver_loop_lag_seconds",
+            "How late the event loop ran a timer due every 20 ms (what every frame waits)",
+            buckets=LAG_BUCKETS,
             registry=reg,
         )
         if self.multiprocess:

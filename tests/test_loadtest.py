@@ -204,6 +204,9 @@ def test_storm_every_client_of_a_stopped_instance_resumes_with_nothing_lost(
     # The stopped instance handed its members off: their reconnects elsewhere made no
     # presence leave or join for the rooms (CHAT_PRESENCE_HANDOFF).
     assert storm["presence_events"] == 0
+    # The survivor's own loop lag over the storm, from its /metrics; the stopped one has none.
+    lags = storm["server_loop_lag"]
+    assert lags[stopped.url] is None and lags[survivor.url]["samples"] > 0
 
 
 def test_storm_names_what_to_stop() -> None:

@@ -58,6 +58,7 @@ class Book:
         self.incomplete = 0  # resumes the server said were not complete
         self.skipped = 0  # publishes not sent because the publisher was offline
         self.presence_events = 0  # join/leave frames received in the storm
+        self.client_lag = Histogram()  # how late this tool's own loop ran, in the storm
         self.connect_shed = 0  # 503s with Retry-After while first connecting (then retried)
         self.storming = False  # between the coordinator's `kill` and `calm`
 
@@ -68,7 +69,8 @@ class Book:
                 "attempts": dict(self.attempts), "dropped_ns": self.dropped_ns,
                 "resumed_ns": self.resumed_ns,
                 "incomplete": self.incomplete, "skipped": self.skipped,
-                "presence_events": self.presence_events, "connect_shed": self.connect_shed}
+                "presence_events": self.presence_events, "connect_shed": self.connect_shed,
+                "client_lag": self.client_lag.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Book:
@@ -82,6 +84,7 @@ class Book:
         book.incomplete, book.skipped = int(data["incomplete"]), int(data["skipped"])
         book.presence_events = int(data["presence_events"])
         book.connect_shed = int(data["connect_shed"])
+        book.client_lag = Histogram.from_json(data["client_lag"])
         return book
 
     def merge(self, other: Book) -> None:
@@ -96,6 +99,7 @@ class Book:
         self.skipped += other.skipped
         self.presence_events += other.presence_events
         self.connect_shed += other.connect_shed
+        self.client_lag.merge(other.client_lag)
 
 
 class Member:

@@ -16,11 +16,14 @@ import signal
 import time
 from typing import Any
 
+import aiohttp
+
 from .conductor import START_DELAY, Conductor, Outcome
 from .member import Book
 from .plan import Plan, RunError
 from .shard import PROGRESS_EVERY
 from .stats import Tally
+from .storm_report import lag_buckets, lag_diff
 
 NOTHING_DROPPED_AFTER = 3.0  # seconds after the stop with no drop: the wrong server was named
 
@@ -36,6 +39,7 @@ class StormConductor(Conductor):
         self._enter("warming up")
         self.broadcast({"cmd": "storm", "start_ns": time.monotonic_ns() + int(START_DELAY * 1e9)})
         await self.watch(START_DELAY + plan.warmup)
+        lag_before = await scrape_lags(plan)
         self._enter("storm")
         kill_ns = time.monotonic_ns()
         self.broadcast({"cmd": "kill"})
@@ -46,6 +50,7 @@ class StormConductor(Conductor):
             stopper.cancel()
         calm_ns = time.monotonic_ns()
         self.broadcast({"cmd": "calm"})
+        lag_after = await scrape_lags(plan)
         self._enter("after the storm")
         await self.watch(plan.after)
         self._enter("stopping the publishers")
@@ -66,6 +71,8 @@ class StormConductor(Conductor):
             for key in ("expected", "lost", "unresumed"):
                 storm[key] += int(event[key])
         storm["book"] = book
+        storm["server_lag"] = [lag_diff(a, b) for a, b in zip(lag_before, lag_after,
+                                                               strict=True)]
         return Outcome(tally, connect_ns / 1e9, sum(len(seqs) for seqs in stored.values()),
                        time.monotonic() - started, storm=storm)
 
@@ -109,6 +116,24 @@ class StormConductor(Conductor):
             return False
         return bool(self.progress.total("dropped")) or (
             time.monotonic() - stopped_ns / 1e9 > NOTHING_DROPPED_AFTER)
+
+
+async def scrape_lags(plan: Plan) -> list[dict[float, int] | None]:
+    """Each server's loop-lag histogram (cumulative counts by bucket bound) from its
+    /metrics, or None where it does not answer (stopped, or /metrics not for us)."""
+    timeout = aiohttp.ClientTimeout(total=plan.connect_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        return list(await asyncio.gather(*(_scrape(session, t.base) for t in plan.targets)))
+
+
+async def _scrape(session: aiohttp.ClientSession, base: str) -> dict[float, int] | None:
+    try:
+        async with session.get(base + "/metrics") as response:
+            if response.status != 200:
+                return None
+            return lag_buckets(await response.text())
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return None
 
 
 async def stop_server(plan: Plan) -> None:

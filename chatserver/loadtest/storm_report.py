@@ -13,6 +13,7 @@ from .member import Book
 from .plan import Plan
 from .stats import Histogram
 
+LAG_METRIC = "chatserver_loop_lag_seconds_bucket"
 SHED = ("HTTP 503", "HTTP 429", "closed before joining: 1013")
 TIMED_OUT = "no joined frame"
 
@@ -48,12 +49,42 @@ def storm_figures(plan: Plan, outcome: Outcome) -> dict[str, Any]:
         "shed": sum(n for why, n in attempts.items() if why.startswith(SHED)),
         "timed_out": sum(n for why, n in attempts.items() if why.startswith(TIMED_OUT)),
         "survivor_latency_ms": survivors.summary_ms(),
+        "server_loop_lag": dict(zip([t.base for t in plan.targets], storm["server_lag"],
+                                    strict=True)),
+        "client_lag_ms": book.client_lag.summary_ms(),
         "storm_latency_ms": everyone.summary_ms(),
         "latency_budget_ms": plan.latency_budget,
         "skipped_publishes": book.skipped,
         "presence_events": book.presence_events,
         "connect_shed": book.connect_shed,
     }
+
+
+def lag_buckets(metrics: str) -> dict[float, int]:
+    """chatserver_loop_lag_seconds_bucket lines of a /metrics text: {bound: count}."""
+    buckets: dict[float, int] = {}
+    for line in metrics.splitlines():
+        if line.startswith(LAG_METRIC + '{le="'):
+            bound, _, count = line[len(LAG_METRIC) + 5:].partition('"} ')
+            buckets[float(bound)] = int(float(count))
+    return buckets
+
+
+def lag_diff(before: dict[float, int] | None,
+             after: dict[float, int] | None) -> dict[str, Any] | None:
+    """What a server's loop-lag histogram gained between two scrapes: its samples, and the
+    bucket bounds under which 50 % and 99 % of them fell (seconds; inf: past the last)."""
+    if not before or not after:
+        return None
+    gained = {bound: after.get(bound, 0) - n for bound, n in before.items()}
+    total = gained.get(math.inf, 0)
+    if total <= 0:
+        return None
+
+    def under(q: int) -> float:
+        return min(b for b, n in gained.items() if n >= math.ceil(q / 100 * total))
+
+    return {"samples": total, "p50_under_s": under(50), "p99_under_s": under(99)}
 
 
 def storm_verdict(figures: dict[str, Any]) -> list[str]:
@@ -95,9 +126,21 @@ def storm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
          f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']} ms "
          f"(n={latency['count']}, budget {storm['latency_budget_ms']:g}; messages among "
          "the clients of the servers that stayed)"),
+        ("server loop lag", "; ".join(
+            f"{url}: {_lag(lag)}" for url, lag in storm["server_loop_lag"].items())),
+        ("generator lag", f"p99 {storm['client_lag_ms']['p99']} max "
+                          f"{storm['client_lag_ms']['max']} ms (this tool's own loop: "
+                          "latencies include it)"),
         ("all in storm", f"p99 {storm['storm_latency_ms']['p99']} ms (with the stopped "
                          "server's publishers' last messages)"),
     ]
+
+
+def _lag(lag: dict[str, Any] | None) -> str:
+    if lag is None:
+        return "-"
+    return (f"50 % under {lag['p50_under_s']} s, 99 % under {lag['p99_under_s']} s "
+            f"(n={lag['samples']})")
 
 
 def _span(seconds: list[float] | None) -> str:

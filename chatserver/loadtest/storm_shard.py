@@ -21,6 +21,7 @@ from .plan import Plan
 from .shard import FD_MARGIN, Emit, Event, Shard, ensure_descriptors
 
 POLL = 0.02  # seconds between checks while waiting for the last deliveries
+LAG_TICK_NS = 20_000_000  # between samples of this process's own loop lag
 
 
 def new_shard(plan: Plan, number: int, emit: Emit) -> Shard:
@@ -40,6 +41,7 @@ class StormShard(Shard):
         self.publishers = [m for m in self.members if m.index == m.publisher]
         self.keepers: list[asyncio.Task[None]] = []
         self.publishing: asyncio.Task[None] | None = None
+        self.sampling: asyncio.Task[None] | None = None
 
     def _lobby_clients(self) -> list[Client]:
         return []  # storm clients are Members
@@ -61,6 +63,7 @@ class StormShard(Shard):
         self.emit({"event": "connected", "started_ns": started, "done_ns": time.monotonic_ns()})
         command = await self._expect(commands, "storm")
         self.publishing = asyncio.create_task(self._publish_rooms(int(command["start_ns"])))
+        self.sampling = asyncio.create_task(self._sample_lag())
         while True:
             command = await self._expect(commands, "kill", "calm", "stop", "drain", "finish")
             name = command["cmd"]
@@ -114,6 +117,15 @@ class StormShard(Shard):
 
         await asyncio.gather(*(one(m, random.uniform(0, interval)) for m in self.publishers))
 
+    async def _sample_lag(self) -> None:
+        """This process's own lateness in the storm: every latency it measures includes
+        it, so a saturated load generator shows here rather than as the server's delay."""
+        while True:
+            due = time.monotonic_ns() + LAG_TICK_NS
+            await asyncio.sleep(LAG_TICK_NS / 1e9)
+            if self.book.storming:
+                self.book.client_lag.record_ns(time.monotonic_ns() - due)
+
     async def _stop_publishing(self) -> None:
         if self.publishing is not None:
             self.publishing.cancel()
@@ -145,8 +157,9 @@ class StormShard(Shard):
                    "unresumed": sum(1 for m in self.members if m.pending)})
 
     async def _close_all(self) -> None:
-        if self.publishing is not None:
-            self.publishing.cancel()
+        for task in (self.publishing, self.sampling):
+            if task is not None:
+                task.cancel()
         for keeper in self.keepers:
             keeper.cancel()
         if self.members:

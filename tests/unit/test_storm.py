@@ -11,7 +11,7 @@ from chatserver.loadtest.conductor import Outcome
 from chatserver.loadtest.member import CAP, TRY_AGAIN_BASE, Book, Member, backoff
 from chatserver.loadtest.plan import Plan, PlanError, parse_target
 from chatserver.loadtest.stats import Histogram, Tally
-from chatserver.loadtest.storm_report import storm_figures, storm_verdict
+from chatserver.loadtest.storm_report import lag_buckets, lag_diff, storm_figures, storm_verdict
 
 TARGETS = (parse_target("http://127.0.0.1:1"), parse_target("http://127.0.0.1:2"))
 
@@ -81,7 +81,7 @@ def test_the_storm_verdict_names_each_shortfall() -> None:
     book.storm_latency[1].record_ns(900_000_000)  # from the stopped one's: not the survivors'
     book.dropped_from[1] = 4
     storm = {"book": book, "kill_ns": 1_000_000_000, "stopped_ns": 2_000_000_000,
-             "calm_ns": 3_000_000_000, "unresumed": 1}
+             "calm_ns": 3_000_000_000, "unresumed": 1, "server_lag": [None, None]}
     figures = storm_figures(plan(), Outcome(Tally(), 1.0, 0, 1.0, storm=storm))
     assert figures["resumed_99pct_s"] is None and figures["resumed_100pct_s"] is None
     assert figures["shed"] == 5 and figures["timed_out"] == 2
@@ -108,3 +108,19 @@ def test_storm_plans_that_cannot_run_are_refused(changes: dict[str, object], say
 def test_rooms_and_their_publishers() -> None:
     storm = plan()
     assert [storm.room_of(i) for i in range(4)] == ["st-r1-0", "st-r1-1"] * 2
+
+
+def test_a_servers_loop_lag_in_the_storm_is_the_difference_of_two_scrapes() -> None:
+    def scrape(counts: list[int]) -> str:
+        bounds = ["0.005", "0.01", "0.1", "+Inf"]
+        lines = [f'chatserver_loop_lag_seconds_bucket{{le="{b}"}} {float(n)}'
+                 for b, n in zip(bounds, counts, strict=True)]
+        return "\n".join(["# HELP chatserver_loop_lag_seconds ...", *lines,
+                          "chatserver_loop_lag_seconds_count 9.0"])
+
+    before = lag_buckets(scrape([100, 100, 100, 100]))
+    assert before == {0.005: 100, 0.01: 100, 0.1: 100, float("inf"): 100}
+    after = lag_buckets(scrape([150, 190, 199, 200]))  # 100 samples more in the storm
+    assert lag_diff(before, after) == {"samples": 100, "p50_under_s": 0.005,
+                                       "p99_under_s": 0.1}
+    assert lag_diff(before, None) is None and lag_diff(before, before) is None

@@ -47,10 +47,6 @@ class RedisBroker(Broker):
         self._keys = Keys(prefix, sharded=sharded)
         self._scripts = Scripts(self._redis, sharded=sharded)
         self._outbox = Outbox(self._scripts)
-        # History reads batch on an outbox of their own: in a reconnect storm thousands of
-        # resumes then cost a round trip per batch, without a pool connection each, and
-        # without queueing in front of the publishes of the clients already here.
-        self._reads = Outbox(self._scripts)
         self._users = UserShards()
         self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
         hooks: dict[str, Callable[[], None]] = {
@@ -76,7 +72,6 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         await self._presence.close()  # queues this worker's leaves...
         await self._outbox.close()  # ...and sends them
-        await self._reads.close()
         await self._listener.close()  # closes its pub/sub clients
         await self._redis.aclose()
 
@@ -166,9 +161,9 @@ class RedisBroker(Broker):
         keys = [self._keys.stream(room), self._keys.epoch(room)]
         args: list[str | int] = [
             since, self._maxlen, uuid.uuid4().hex, epoch or "", self._room_ttl]
-        found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._reads.put(Call(self._scripts.history, keys, args), found)
-        current, max_deleted, newest, last = await found
+        current, max_deleted, newest, last = await _call(
+            "history", self._scripts.history(keys=keys, args=args)
+        )
         current = current.decode()
         if epoch == current and parse_id(since) > parse_id(last.decode()):
             # A `since` this stream never gave: replay it whole, and say it is not the

@@ -35,6 +35,7 @@ class ResumingClient:
         self.instances: list[str] = []
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.ready = asyncio.Event()
+        self.progressed = asyncio.Event()  # set on every message and (re)join: until_all
         self._refs = itertools.count(1)
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -125,6 +126,7 @@ class ResumingClient:
                 pending_rooms.discard(frame["room"])
                 if not pending_rooms:
                     self.ready.set()
+                    self.progressed.set()
             elif kind in ("ack", "error") and frame.get("ref") in self._acks:
                 future = self._acks[frame["ref"]]
                 if not future.done():
@@ -141,6 +143,23 @@ class ResumingClient:
             self.anomalies.append((frame["room"], frame["id"], ids[-1], len(self.instances)))
             return
         ids.append(frame["id"])
+        self.progressed.set()
+
+
+async def until_all(clients: list[ResumingClient], done: Callable[[], bool],
+                    timeout: float = 20) -> None:
+    """Until done() holds, checked again whenever any of the clients received a message
+    or rejoined its rooms."""
+    async with asyncio.timeout(scaled(timeout)):
+        while not done():
+            for client in clients:
+                client.progressed.clear()
+            waits = [asyncio.create_task(c.progressed.wait()) for c in clients]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
 
 class Publisher(ResumingClient):

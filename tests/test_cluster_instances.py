@@ -45,7 +45,8 @@ async def test_rooms_live_on_their_slot_owner_and_every_member_gets_each_message
         await client.start()
     await asyncio.gather(*(asyncio.wait_for(c.ready.wait(), scaled(20)) for c in clients))
     workers = {c.instances[-1] for c in clients}
-    assert len(workers) >= 3, workers  # both instances, and more than one worker of one
+    # at least one worker of each instance (the kernel picks which worker a socket gets)
+    assert len(workers) >= 2, workers
 
     async def publish_all(publisher: ResumingClient, name: str) -> list[tuple[str, str]]:
         return [(room, await publisher.publish(room, f"{name}-{room}-{n}"))

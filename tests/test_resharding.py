@@ -102,21 +102,24 @@ async def test_room_slot_moved_while_members_connected_loses_nothing(
     shard subscriptions move to the new primary, every member holds XRANGE once."""
     server = make_server(workers=2, redis_url=cluster.url,
                          env={"CHAT_RATE": "50", "CHAT_BURST": "100", "CHAT_LOGIN_RATE": "100"})
-    readers: list[ResumingClient] = []
-    for i in range(6):
-        session = await sign_in(server, f"reader{i}")
-        sessions.append(session)
-        readers.append(ResumingClient(session, lambda: server.ws_url, server.origin, ROOMS))
     publishers: list[Publisher] = []
     for room in ROOMS:
         session = await sign_in(server, f"writer-{room}")
         sessions.append(session)
         publishers.append(Publisher(session, lambda: server.ws_url, server.origin, [room]))
-    for client in [*readers, *publishers]:
+    readers: list[ResumingClient] = []
+    # The kernel picks each socket's worker: add readers until both workers have some.
+    while len(readers) < 6 or len({c.instances[-1] for c in readers}) < 2:
+        assert len(readers) < 30, "30 readers all on one worker"
+        session = await sign_in(server, f"reader{len(readers)}")
+        sessions.append(session)
+        reader = ResumingClient(session, lambda: server.ws_url, server.origin, ROOMS)
+        readers.append(reader)
+        await reader.start()
+        await asyncio.wait_for(reader.ready.wait(), scaled(20))
+    for client in publishers:
         await client.start()
-    await asyncio.gather(*(asyncio.wait_for(c.ready.wait(), scaled(20))
-                           for c in [*readers, *publishers]))
-    assert len({i for c in readers for i in c.instances}) == 2, "readers should span both workers"
+    await asyncio.gather(*(asyncio.wait_for(c.ready.wait(), scaled(20)) for c in publishers))
 
     key, channel = f"chat:{{{MOVED}}}:history", f"chat:{{{MOVED}}}:room"
     slot, source = cluster.keyslot(key), cluster.owner(key)

@@ -153,6 +153,8 @@ async def test_room_slot_moved_while_members_connected_loses_nothing(
     assert moved_keys >= 2  # the stream and its epoch at least, presence too
     assert int(cluster_command(source, "CLUSTER", "COUNTKEYSINSLOT", slot)) == 0
     assert int(cluster_command(target, "CLUSTER", "COUNTKEYSINSLOT", slot)) == moved_keys
+    room_keys = [f"chat:{{{MOVED}}}:{kind}" for kind in ("history", "epoch", "presence", "present")]
+    assert cluster_command(target, "EXISTS", *room_keys) == len(room_keys)
     assert cluster.owner(key) is target and cluster.owner(f"chat:{{{STAYS}}}:history") is stays_on
 
     stored = {room: [i for i, _ in cluster_command(cluster.owner(f"chat:{{{room}}}:history"),

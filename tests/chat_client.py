@@ -14,8 +14,10 @@ from typing import Any
 import aiohttp
 
 from chatserver.protocol import parse_id
+from tests.support import scaled
 
 RETRY_CLOSES = {1001, 1006, 1011, 1012, 1013}
+REPLY_WAIT = 5.0  # seconds a publish may wait for its answer before it counts as silent
 
 
 class ResumingClient:
@@ -33,6 +35,7 @@ class ResumingClient:
         self.instances: list[str] = []
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.ready = asyncio.Event()
+        self.progressed = asyncio.Event()  # set on every message and (re)join: until_all
         self._refs = itertools.count(1)
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -123,6 +126,7 @@ class ResumingClient:
                 pending_rooms.discard(frame["room"])
                 if not pending_rooms:
                     self.ready.set()
+                    self.progressed.set()
             elif kind in ("ack", "error") and frame.get("ref") in self._acks:
                 future = self._acks[frame["ref"]]
                 if not future.done():
@@ -139,3 +143,46 @@ class ResumingClient:
             self.anomalies.append((frame["room"], frame["id"], ids[-1], len(self.instances)))
             return
         ids.append(frame["id"])
+        self.progressed.set()
+
+
+async def until_all(clients: list[ResumingClient], done: Callable[[], bool],
+                    timeout: float = 20) -> None:
+    """Until done() holds, checked again whenever any of the clients received a message
+    or rejoined its rooms."""
+    async with asyncio.timeout(scaled(timeout)):
+        while not done():
+            for client in clients:
+                client.progressed.clear()
+            waits = [asyncio.create_task(c.progressed.wait()) for c in clients]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+
+class Publisher(ResumingClient):
+    """A resuming client that publishes once per call and says how it was answered."""
+
+    async def publish_once(self, room: str, text: str) -> tuple[str, str | None]:
+        """("ack", id), ("unavailable", None), ("closed", None) when the socket went away
+        before an answer, ("silent", None) when an open socket never answered."""
+        if not self.ready.is_set():
+            return "closed", None
+        ws, ref = self.ws, f"p{next(self._refs)}"
+        assert ws is not None
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[ref] = future
+        try:
+            await ws.send_json({"type": "publish", "room": room, "message": text, "ref": ref})
+            reply = await asyncio.wait_for(future, scaled(REPLY_WAIT))
+        except (ConnectionError, aiohttp.ClientError):
+            return "closed", None
+        except TimeoutError:
+            return ("closed" if ws.closed else "silent"), None
+        finally:
+            self._acks.pop(ref, None)
+        if reply["type"] == "ack":
+            return "ack", str(reply["id"])
+        return str(reply.get("code")), None

@@ -11,14 +11,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.chat_client import ResumingClient
+from tests.chat_client import Publisher, ResumingClient
 from tests.cluster_support import ClusterDeployment, start_cluster_deployment
 from tests.sentinel_support import SentinelDeployment
 from tests.support import RedisServer, ServerProcess, scaled, sign_in, wait_for
@@ -26,33 +25,6 @@ from tests.support import RedisServer, ServerProcess, scaled, sign_in, wait_for
 ROOMS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 RATE = 20.0  # publishes a second, per room
 RESUME_BOUND = 15.0  # seconds from the kill until every room's publishes are acked again
-REPLY_WAIT = 5.0  # seconds a publish may wait for its answer before it counts as silent
-
-
-class Publisher(ResumingClient):
-    """A resuming client that publishes once per call and says how it was answered."""
-
-    async def publish_once(self, room: str, text: str) -> tuple[str, str | None]:
-        """("ack", id), ("unavailable", None), ("closed", None) when the socket went away
-        before an answer, ("silent", None) when an open socket never answered."""
-        if not self.ready.is_set():
-            return "closed", None
-        ws, ref = self.ws, f"p{next(self._refs)}"
-        assert ws is not None
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._acks[ref] = future
-        try:
-            await ws.send_json({"type": "publish", "room": room, "message": text, "ref": ref})
-            reply = await asyncio.wait_for(future, scaled(REPLY_WAIT))
-        except (ConnectionError, aiohttp.ClientError):
-            return "closed", None
-        except TimeoutError:
-            return ("closed" if ws.closed else "silent"), None
-        finally:
-            self._acks.pop(ref, None)
-        if reply["type"] == "ack":
-            return "ack", str(reply["id"])
-        return str(reply.get("code")), None
 
 
 class SentinelTarget:

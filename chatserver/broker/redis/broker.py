@@ -83,8 +83,9 @@ class RedisBroker(Broker):
 
     def publish(self, room: str, tail: bytes) -> asyncio.Future[str]:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        keys = [self._keys.stream(room), self._keys.room_channel(room), self._keys.epoch(room)]
-        args = [self._maxlen, tail, uuid.uuid4().hex, MESSAGE_PREFIX, self._room_ttl]
+        keys = [self._keys.stream(room), self._keys.epoch(room)]
+        args = [self._maxlen, tail, uuid.uuid4().hex, MESSAGE_PREFIX, self._room_ttl,
+                self._keys.room_channel(room)]
         self._outbox.put(Call(self._scripts.publish, keys, args), future, _decode)
         return future
 

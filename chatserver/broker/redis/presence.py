@@ -68,8 +68,7 @@ class Presence:
         return f"{member.sub}\t{self._instance}\t{username}"
 
     def _script_keys(self, room: str) -> list[str]:
-        return [self._keys.presence(room), self._keys.present(room),
-                self._keys.room_channel(room)]
+        return [self._keys.presence(room), self._keys.present(room)]
 
     def change(self, room: str, member: Member, joined: bool) -> None:
         """A member's first local connection joined (or last one left); queued in order
@@ -78,7 +77,8 @@ class Presence:
         if joined:
             self._here.setdefault(room, set()).add(member)
             args: list[Any] = [self._entry(member), time.time() + self._ttl, member.sub,
-                               self._expire_seconds(), self._event_limit, event]
+                               self._expire_seconds(), self._event_limit, event,
+                               self._keys.room_channel(room)]
             script = self._scripts.presence_join
         else:
             here = self._here.get(room, set())
@@ -90,7 +90,8 @@ class Presence:
                 self._outbox.put(Call(self._scripts.presence_keep, [self._keys.presence(room)],
                                       keep))
                 return
-            args = [self._entry(member), member.sub, self._event_limit, event]
+            args = [self._entry(member), member.sub, self._event_limit, event,
+                    self._keys.room_channel(room)]
             script = self._scripts.presence_leave
         self._outbox.put(Call(script, self._script_keys(room), args))
 

@@ -15,17 +15,22 @@ from redis.exceptions import NoScriptError
 
 from .client import REDIS_FAILURES, RedisClient
 
-# KEYS: stream, room channel, epoch. ARGV: maxlen, message tail, a fresh epoch, the
-# message prefix (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL
-# (0: none). The payload published already carries the stream id, so receivers need no
-# second lookup. Every use pushes the room's expiry out: only rooms nobody uses expire.
+# The room channel is an argument, never one of KEYS: it is no key, and a cluster whose
+# slot is migrating answers TRYAGAIN to every script declaring a key it does not hold,
+# so a declared channel would refuse every call of the room for the whole migration.
+# (It shares the room's hash tag, so SPUBLISH stays within the script's slot.)
+#
+# KEYS: stream, epoch. ARGV: maxlen, message tail, a fresh epoch, the message prefix
+# (protocol.MESSAGE_PREFIX: handed in, never copied here), the room TTL (0: none), the
+# room channel. The payload published already carries the stream id, so receivers need
+# no second lookup. Every use pushes the room's expiry out: only rooms nobody uses expire.
 PUBLISH_LUA = """
-redis.call('SET', KEYS[3], ARGV[3], 'NX')
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[4] .. id .. ARGV[2])
+redis.call('PUBLISH', ARGV[6], ARGV[4] .. id .. ARGV[2])
 if ARGV[5] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 return id
 """
@@ -57,8 +62,9 @@ local entries = redis.call('XREVRANGE', KEYS[1], '+', '(' .. since, 'COUNT', cou
 return {epoch, maxdel, entries, last}
 """
 
-# KEYS: presence entries, present users, room channel. The event is published in the
-# same call, so it is in order with the room's messages. A join is an event when the
+# KEYS: presence entries, present users; the room channel is the last of ARGV (as in
+# PUBLISH_LUA). The event is published in the same call, so it is in order with the
+# room's messages. A join is an event when the
 # user is new anywhere and the room has at most the limit with them; a leave when the
 # user is gone everywhere and the room had at most the limit before.
 PRESENCE_JOIN_LUA = """
@@ -67,7 +73,7 @@ if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then
   local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   if n == 1 and redis.call('HLEN', KEYS[2]) <= tonumber(ARGV[5]) then
-    redis.call('PUBLISH', KEYS[3], ARGV[6])
+    redis.call('PUBLISH', ARGV[7], ARGV[6])
   end
 end
 return 0
@@ -78,7 +84,7 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
     redis.call('HDEL', KEYS[2], ARGV[2])
     if redis.call('HLEN', KEYS[2]) < tonumber(ARGV[3]) then
-      redis.call('PUBLISH', KEYS[3], ARGV[4])
+      redis.call('PUBLISH', ARGV[5], ARGV[4])
     end
   end
 end

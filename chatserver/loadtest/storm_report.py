@@ -42,6 +42,7 @@ def storm_figures(plan: Plan, outcome: Outcome) -> dict[str, Any]:
         "drops_s": [round(min(drops), 3), round(max(drops), 3)] if drops else None,
         "resumed": len(resumes),
         "unresumed": storm["unresumed"],
+        "resumed_50pct_s": _rank(resumes, dropped, 50),
         "resumed_99pct_s": _rank(resumes, dropped, 99),
         "resumed_100pct_s": _rank(resumes, dropped, 100),
         "incomplete_resumes": book.incomplete,
@@ -116,7 +117,8 @@ def storm_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("stopped", f"{storm['stopped']}, gone after {storm['server_gone_s']} s"),
         ("dropped", f"{storm['dropped']} {storm['drops_by_close_code']}, from "
                     f"{_span(storm['drops_s'])} s after the stop"),
-        ("resumed", f"{storm['resumed']}/{storm['dropped']}: 99 % in "
+        ("resumed", f"{storm['resumed']}/{storm['dropped']}: 50 % in "
+                    f"{storm['resumed_50pct_s']} s, 99 % in "
                     f"{storm['resumed_99pct_s']} s, 100 % in {storm['resumed_100pct_s']} s "
                     f"(incomplete {storm['incomplete_resumes']})"),
         ("reconnects", f"{storm['reconnect_attempts']} (shed {storm['shed']}, "

@@ -13,7 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from ...protocol import MESSAGE_PREFIX, message_frame, parse_id
 from ...redis_urls import parse_target
 from ..base import Broker, BrokerUnavailable, Member, Replay, Sink
-from .client import REDIS_FAILURES, command_client, pubsub_client
+from .client import OUTBOX_POOL_SIZE, REDIS_FAILURES, command_client, pubsub_client
 from .cluster_listener import ClusterListener
 from .keys import Keys
 from .listener import Listener
@@ -46,7 +46,13 @@ class RedisBroker(Broker):
         self._redis = command_client(url)
         self._keys = Keys(prefix, sharded=sharded)
         self._scripts = Scripts(self._redis, sharded=sharded)
-        self._outbox = Outbox(self._scripts)
+        # The outbox (publishes, presence) has connections of its own: in a reconnect
+        # storm thousands of resumes wait for the pool's, and the publishes of the
+        # clients already here must not wait behind them. (A cluster client keeps a
+        # pool per node and never queues.)
+        self._outbox_redis = (self._redis if sharded
+                              else command_client(url, pool_size=OUTBOX_POOL_SIZE))
+        self._outbox = Outbox(Scripts(self._outbox_redis, sharded=sharded))
         self._users = UserShards()
         self._epochs: dict[str, str] = {}  # subscribed room -> its history epoch
         hooks: dict[str, Callable[[], None]] = {
@@ -74,6 +80,8 @@ class RedisBroker(Broker):
         await self._outbox.close()  # ...and sends them
         await self._listener.close()  # closes its pub/sub clients
         await self._redis.aclose()
+        if self._outbox_redis is not self._redis:
+            await self._outbox_redis.aclose()
 
     @property
     def connected(self) -> bool:

@@ -22,6 +22,7 @@ from redis.retry import Retry
 from ...redis_urls import RedisTarget, parse_target
 
 POOL_SIZE = 32  # command connections per worker
+OUTBOX_POOL_SIZE = 2  # the outbox's own: one batch in flight, one to reload scripts
 CANCEL_RETRY = 0.1  # seconds between cancellations of a task that has not stopped
 SENTINEL_TIMEOUT = 1.0  # seconds a sentinel may take to answer; the next one is asked then
 
@@ -31,11 +32,11 @@ RedisClient = aioredis.Redis | RedisCluster  # what command_client returns
 REDIS_FAILURES = (TimeoutError, RedisError, OSError, RedisClusterException)
 
 
-def command_client(url: str) -> RedisClient:
+def command_client(url: str, pool_size: int = POOL_SIZE) -> RedisClient:
     """Commands: a bounded pool (a burst of joins queues instead of opening hundreds of
     connections), a short retry, then the caller hears `unavailable`."""
     options: dict[str, Any] = {
-        "max_connections": POOL_SIZE, "timeout": 5, "socket_connect_timeout": 2,
+        "max_connections": pool_size, "timeout": 5, "socket_connect_timeout": 2,
         "socket_timeout": 5, "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         "health_check_interval": 15,
     }

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from chatserver.protocol import parse_id
-from tests.support import scaled
+from tests.support import ServerProcess, scaled, sign_in
 
 RETRY_CLOSES = {1001, 1006, 1011, 1012, 1013}
 REPLY_WAIT = 5.0  # seconds a publish may wait for its answer before it counts as silent
@@ -186,3 +186,21 @@ class Publisher(ResumingClient):
         if reply["type"] == "ack":
             return "ack", str(reply["id"])
         return str(reply.get("code")), None
+
+
+async def readers_on_both_workers(server: ServerProcess, sessions: list[aiohttp.ClientSession],
+                                  rooms: list[str], *, at_least: int = 6
+                                  ) -> list[ResumingClient]:
+    """Signed-in readers of `rooms`, at least `at_least`, and more until both workers of a
+    `--workers 2` server have some: the kernel picks each socket's worker (six all landed
+    on one about once in 30 runs)."""
+    readers: list[ResumingClient] = []
+    while len(readers) < at_least or len({c.instances[-1] for c in readers}) < 2:
+        assert len(readers) < 30, "30 readers all on one worker"
+        session = await sign_in(server, f"reader{len(readers)}")
+        sessions.append(session)
+        reader = ResumingClient(session, lambda: server.ws_url, server.origin, rooms)
+        readers.append(reader)
+        await reader.start()
+        await asyncio.wait_for(reader.ready.wait(), scaled(20))
+    return readers

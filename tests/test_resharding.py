@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.chat_client import Publisher, ResumingClient, until_all
+from tests.chat_client import Publisher, readers_on_both_workers, until_all
 from tests.cluster_support import (
     ClusterDeployment,
     assign_slot,
@@ -108,16 +108,7 @@ async def test_room_slot_moved_while_members_connected_loses_nothing(
         session = await sign_in(server, f"writer-{room}")
         sessions.append(session)
         publishers.append(Publisher(session, lambda: server.ws_url, server.origin, [room]))
-    readers: list[ResumingClient] = []
-    # The kernel picks each socket's worker: add readers until both workers have some.
-    while len(readers) < 6 or len({c.instances[-1] for c in readers}) < 2:
-        assert len(readers) < 30, "30 readers all on one worker"
-        session = await sign_in(server, f"reader{len(readers)}")
-        sessions.append(session)
-        reader = ResumingClient(session, lambda: server.ws_url, server.origin, ROOMS)
-        readers.append(reader)
-        await reader.start()
-        await asyncio.wait_for(reader.ready.wait(), scaled(20))
+    readers = await readers_on_both_workers(server, sessions, ROOMS)
     for client in publishers:
         await client.start()
     await asyncio.gather(*(asyncio.wait_for(c.ready.wait(), scaled(20)) for c in publishers))

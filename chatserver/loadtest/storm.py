@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 
 from .conductor import START_DELAY, Conductor, Outcome
-from .member import Book
 from .plan import Plan, RunError
 from .shard import PROGRESS_EVERY
 from .stats import Tally
+from .storm_book import Book
 from .storm_report import lag_buckets, lag_diff
 
 NOTHING_DROPPED_AFTER = 3.0  # seconds after the stop with no drop: the wrong server was named

@@ -9,9 +9,9 @@ import math
 from typing import Any
 
 from .conductor import Outcome
-from .member import Book
 from .plan import Plan
 from .stats import Histogram
+from .storm_book import Book
 
 LAG_METRIC = "chatserver_loop_lag_seconds_bucket"
 SHED = ("HTTP 503", "HTTP 429", "closed before joining: 1013")

@@ -16,9 +16,10 @@ import time
 import aiohttp
 
 from .client import Client, ConnectFailed
-from .member import Book, Member, backoff
+from .member import Member, backoff
 from .plan import Plan
 from .shard import FD_MARGIN, Emit, Event, Shard, ensure_descriptors
+from .storm_book import Book
 
 POLL = 0.02  # seconds between checks while waiting for the last deliveries
 LAG_TICK_NS = 20_000_000  # between samples of this process's own loop lag

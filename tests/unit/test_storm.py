@@ -8,9 +8,10 @@ import random
 import pytest
 
 from chatserver.loadtest.conductor import Outcome
-from chatserver.loadtest.member import CAP, TRY_AGAIN_BASE, Book, Member, backoff
+from chatserver.loadtest.member import CAP, TRY_AGAIN_BASE, Member, backoff
 from chatserver.loadtest.plan import Plan, PlanError, parse_target
 from chatserver.loadtest.stats import Histogram, Tally
+from chatserver.loadtest.storm_book import Book
 from chatserver.loadtest.storm_report import lag_buckets, lag_diff, storm_figures, storm_verdict
 
 TARGETS = (parse_target("http://127.0.0.1:1"), parse_target("http://127.0.0.1:2"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -21,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from ...redis_urls import RedisTarget
 from .client import REDIS_FAILURES, node_pubsub_client, stop
 from .keys import Keys
-from .listener import POLL, SILENCE_LIMIT, Listener, log
+from .listener import Listener, log, messages
 from .users import UserShards
 
 
@@ -108,16 +107,7 @@ class ClusterListener(Listener):
     async def _read(self, pubsub: PubSub) -> None:
         """Read one connection until it fails; the failure reconnects the listener."""
         try:
-            last_seen = time.monotonic()
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
-                now = time.monotonic()
-                if msg is None:
-                    if now - last_seen > SILENCE_LIMIT:
-                        raise TimeoutError("pub/sub connection silent")
-                    await pubsub.ping()
-                    continue
-                last_seen = now
+            async for msg in messages(pubsub):
                 if msg["type"] == "sunsubscribe" and self._moved_away(msg["channel"]):
                     raise RedisConnectionError("a room's slot moved to another primary")
                 await self._dispatch(msg)

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +28,23 @@ REPLAY_BATCH = 500  # stream entries per XRANGE of a catch-up
 MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # seconds between reconnect attempts
 SILENCE_LIMIT = 15.0  # seconds without any pub/sub traffic (pongs included) = dead link
 POLL = 5.0  # seconds a read waits before pinging
+
+
+async def messages(pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
+    """A pub/sub connection's messages, subscribe confirmations included. A quiet link is
+    pinged every POLL seconds; one silent past SILENCE_LIMIT (not even a pong) is dead:
+    TimeoutError, and the caller reconnects."""
+    last_seen = time.monotonic()
+    while True:
+        msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
+        now = time.monotonic()
+        if msg is None:
+            if now - last_seen > SILENCE_LIMIT:
+                raise TimeoutError("pub/sub connection silent")
+            await pubsub.ping()
+            continue
+        last_seen = now
+        yield msg
 
 
 class Listener:
@@ -154,16 +171,7 @@ class Listener:
         self._backoff = MIN_BACKOFF
         self._send_changes()  # those made while connecting
         log.info("redis pub/sub connected; %d channels", len(wanted))
-        last_seen = time.monotonic()
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
-            now = time.monotonic()
-            if msg is None:
-                if now - last_seen > SILENCE_LIMIT:
-                    raise TimeoutError("pub/sub connection silent")
-                await pubsub.ping()
-                continue
-            last_seen = now
+        async for msg in messages(pubsub):
             await self._dispatch(msg)
 
     async def _drop_pubsub(self) -> None:

@@ -73,9 +73,9 @@ class Presence:
     def change(self, room: str, member: Member, joined: bool) -> None:
         """A member's first local connection joined (or last one left); queued in order
         with publishes."""
-        event = protocol.presence(room, "join" if joined else "leave", member.public())
         if joined:
             self._here.setdefault(room, set()).add(member)
+            event = protocol.presence(room, "join", member.public())
             args: list[Any] = [self._entry(member), time.time() + self._ttl, member.sub,
                                self._expire_seconds(), self._event_limit, event,
                                self._keys.room_channel(room)]
@@ -90,6 +90,7 @@ class Presence:
                 self._outbox.put(Call(self._scripts.presence_keep, [self._keys.presence(room)],
                                       keep))
                 return
+            event = protocol.presence(room, "leave", member.public())
             args = [self._entry(member), member.sub, self._event_limit, event,
                     self._keys.room_channel(room)]
             script = self._scripts.presence_leave
